@@ -1,0 +1,159 @@
+"""FlexAttention backend: the sparse pattern as a block mask, compiled into a fused kernel.
+
+Patch tokens are laid out tile-major (one window_size x window_size tile after another, empty slots
+where the grid ends or tokens were pruned), followed by the global keys.  In that order the pattern is
+block-sparse, so a ``BlockMask`` built directly from tile adjacency (never from an N x N mask) lets
+the compiled kernel skip all far-away key blocks; ``mask_mod`` makes the kept blocks exact.  Global
+query rows are computed densely beside it (G rows), which also yields their attention probabilities.
+"""
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..neighbourhood import Neighbourhood, TileLayout, tile_layout, tile_query_bounds, window_bounds
+from .global_rows import global_rows
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch < 2.5
+    BlockMask = flex_attention = None
+
+FLEX_BLOCK_SIZE = 64  # kernel block; 64 matches an 8 x 8 tile, the paper's window
+FLEX_MIN_TOKENS_CPU = 4096  # below this the one-off compile costs more than gather ever does
+_compiled_flex: Optional[Callable] = None
+_structure_cache: dict[tuple, '_Structure'] = {}
+
+
+def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
+    """Why the compiled flex path cannot (or, when ``automatic``, should not) run; None if it can."""
+    if flex_attention is None:
+        return 'torch has no flex_attention'
+    if q.device.type not in ('cpu', 'cuda'):
+        return f'device type {q.device.type!r} unsupported'
+    if q.device.type == 'cpu':
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return 'needs no grad on CPU (no CPU backward kernel)'
+        if automatic and q.shape[2] < FLEX_MIN_TOKENS_CPU:
+            return f'{q.shape[2]} tokens < {FLEX_MIN_TOKENS_CPU} on CPU, compile time not repaid'
+    return None
+
+
+@dataclass
+class _Structure:
+    """Everything about the block mask that depends only on (grid, G, window, pattern, device)."""
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    q_rc: tuple[Tensor, Tensor]  # (P,) query slot coordinates, clamped into the grid
+    kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates (0 for globals)
+    bounds: tuple[Tensor, Tensor, Tensor, Tensor]  # lo_r, hi_r (H,), lo_c, hi_c (W,)
+    kv_global: Tensor  # (P + G,)
+
+
+def _tile_adjacency(length: int, tile: int, num_tiles: int, window_size: int,
+                    neighbourhood: Neighbourhood, device: torch.device) -> Tensor:
+    """(tiles, tiles) along one axis: can any query of tile i see any key of tile j."""
+    lo, hi = tile_query_bounds(length, tile, num_tiles, window_size, neighbourhood, device)
+    start = torch.arange(num_tiles, device=device) * tile
+    end = (start + tile).clamp(max=length)
+    return (lo.amin(1)[:, None] < end[None]) & (start[None] < hi.amax(1)[:, None])
+
+
+def _block_membership(num_slots: int, tile: int, length: int, device: torch.device) -> Tensor:
+    """(kernel blocks over ``length`` indices, tiles) bool: which tiles' slots a kernel block holds."""
+    slots = torch.arange(num_slots, device=device)
+    member = torch.zeros(-(-length // FLEX_BLOCK_SIZE), num_slots // tile, dtype=torch.bool, device=device)
+    member[slots // FLEX_BLOCK_SIZE, slots // tile] = True
+    return member
+
+
+def _structure(layout: TileLayout, num_global: int, window_size: int,
+               neighbourhood: Neighbourhood) -> _Structure:
+    (height, width), (th, tw), (nth, ntw) = layout.grid_hw, layout.tile_hw, layout.tiles_hw
+    device = layout.pos_token.device
+    key = (layout.grid_hw, num_global, window_size, neighbourhood, device)
+    if key in _structure_cache:
+        return _structure_cache[key]
+    num_slots = layout.num_tiles * layout.tile_size
+    adj_r = _tile_adjacency(height, th, nth, window_size, neighbourhood, device)
+    adj_c = _tile_adjacency(width, tw, ntw, window_size, neighbourhood, device)
+    tile_adj = (adj_r[:, None, :, None] & adj_c[None, :, None, :]).reshape(layout.num_tiles, -1)
+    q_member = _block_membership(num_slots, layout.tile_size, num_slots, device).float()
+    kv_member = _block_membership(num_slots, layout.tile_size, num_slots + num_global, device).float()
+    needed = (q_member @ tile_adj.float() @ kv_member.T) > 0
+    if num_global:
+        needed[:, num_slots // FLEX_BLOCK_SIZE:] = True  # kernel blocks holding global keys
+    kv_indices = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+    slot_r, slot_c = layout.slot_rc
+    pad = slot_r.new_zeros(num_global)
+    lo_r, hi_r = window_bounds(torch.arange(height, device=device), height, window_size, neighbourhood)
+    lo_c, hi_c = window_bounds(torch.arange(width, device=device), width, window_size, neighbourhood)
+    structure = _Structure(
+        kv_num_blocks=needed.sum(-1, dtype=torch.int32)[None, None], kv_indices=kv_indices[None, None],
+        q_rc=(slot_r.clamp(max=height - 1), slot_c.clamp(max=width - 1)),
+        kv_rc=(torch.cat([slot_r, pad]), torch.cat([slot_c, pad])),
+        bounds=(lo_r, hi_r, lo_c, hi_c),
+        kv_global=torch.arange(num_slots + num_global, device=device) >= num_slots)
+    _structure_cache[key] = structure
+    return structure
+
+
+def _block_mask(structure: _Structure, kv_present: Tensor, num_queries: int) -> 'BlockMask':
+    """Block mask whose ``mask_mod`` admits present keys inside the query's window, and global keys.
+    ``kv_present`` is (B', P + G); B' = 1 (no pruning) broadcasts over the batch."""
+    q_r, q_c = structure.q_rc
+    kv_r, kv_c = structure.kv_rc
+    lo_r, hi_r, lo_c, hi_c = structure.bounds
+    kv_global = structure.kv_global
+    per_sample = kv_present.shape[0] > 1
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        qr, qc, kr, kc = q_r[q_idx], q_c[q_idx], kv_r[kv_idx], kv_c[kv_idx]
+        inside = (lo_r[qr] <= kr) & (kr < hi_r[qr]) & (lo_c[qc] <= kc) & (kc < hi_c[qc])
+        present = kv_present[b if per_sample else 0, kv_idx]
+        return (inside & present) | kv_global[kv_idx]
+
+    return BlockMask.from_kv_blocks(structure.kv_num_blocks, structure.kv_indices,
+                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=(num_queries, kv_present.shape[1]))
+
+
+def _take_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, h, N, d) at token ``index`` (B' , L) -> (B, h, L, d)."""
+    if index.shape[0] == 1:
+        return x.index_select(2, index[0])
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
+                           window_size: int, neighbourhood: Neighbourhood,
+                           patch_index: Optional[Tensor], scale: float,
+                           compiled: bool = True) -> tuple[Tensor, Tensor]:
+    """Sparse attention on validated arguments; returns (output, global probabilities over patches).
+
+    ``compiled=False`` runs FlexAttention eagerly, which materialises the full score matrix: only for
+    tests on small inputs, where compiling would cost more than the whole check.
+    """
+    global _compiled_flex
+    layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
+    structure = _structure(layout, num_global, window_size, neighbourhood)
+    global_ids = torch.arange(num_global, device=q.device).expand(layout.slot_token.shape[0], -1)
+    kv_token = torch.cat([layout.slot_token, global_ids], dim=1)
+    kv_present = torch.cat([layout.slot_valid, torch.ones_like(global_ids, dtype=torch.bool)], dim=1)
+    block_mask = _block_mask(structure, kv_present, layout.slot_token.shape[1])
+
+    q_s, k_s, v_s = _take_tokens(q, layout.slot_token), _take_tokens(k, kv_token), _take_tokens(v, kv_token)
+    if compiled:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        out = _compiled_flex(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')
+            out = flex_attention(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
+    patch_out = _take_tokens(out, layout.token_slot)
+    global_out, global_probs = global_rows(q, k, v, num_global, scale)
+    return torch.cat([global_out, patch_out], dim=2), global_probs
