@@ -13,5 +13,6 @@ except ImportError:  # mmseg not installed: plain-PyTorch use only
     MODELS = None
 else:
     MODELS.register_module(module=SparseViT)
+    from .vit_adapter import SparseViTAdapter  # noqa: F401,E402  (registers itself; needs mmcv.ops)
 
 __all__ = ['ARCH_PRESETS', 'SparseViT', 'ViTArch', 'get_arch', 'load_pretrained_weights', 'timm_kwargs']
