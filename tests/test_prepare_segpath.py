@@ -132,11 +132,17 @@ def test_each_problem_is_reported_naming_the_file(download, corrupt):
 
 def test_missing_csv_makes_antigen_unusable(download):
     _, dl, out, _ = download
+    prepare_segpath(dl, out, antigens=['panCK'], expected_size=SIZE)
     os.remove(osp.join(dl, 'panCK_fileinfo.csv'))
     report = prepare_segpath(dl, out, antigens=['panCK'], expected_size=SIZE)
     assert report.usable == 0
     assert report.problems == [f'{osp.join(dl, "panCK_fileinfo.csv")}: split CSV missing, no tile is usable']
+    assert not osp.exists(osp.join(out, 'panCK', 'panCK_fileinfo.csv'))  # no stale CSV left for the dataset
     assert runpy.run_path(CLI)['main']([dl, out, '--antigens', 'panCK', '--expected-size', str(SIZE)]) == 1
+
+
+def test_empty_download_folder_fails(tmp_path):
+    assert runpy.run_path(CLI)['main']([str(tmp_path), str(tmp_path / 'out')]) == 1
 
 
 def test_named_antigen_without_archive_is_reported(download):

@@ -204,13 +204,15 @@ def prepare_antigen(src_dir: str, data_root: str, spec: SegPathAntigen, expected
     else:
         unpack_archive(source, out)
     report.source = source or ''
-    if csv_path is None:
-        report.problems.append(f'{osp.join(src_dir, spec.fileinfo)}: split CSV missing, no tile is usable')
-        return report
+    cleaned_csv = osp.join(out, spec.fileinfo)
     try:
+        if csv_path is None:
+            raise ValueError(f'{osp.join(src_dir, spec.fileinfo)}: split CSV missing, no tile is usable')
         info = read_fileinfo(csv_path)
     except ValueError as err:
         report.problems.append(str(err))
+        if osp.isfile(cleaned_csv):  # a stale CSV from an earlier run would still feed the dataset
+            os.remove(cleaned_csv)
         return report
     report.problems.extend(info.problems)
     if not osp.isdir(out):
@@ -240,7 +242,7 @@ def prepare_antigen(src_dir: str, data_root: str, spec: SegPathAntigen, expected
         usable.add(stem)
         report.counts[split] += 1
     rows = [row for row, stem in zip(info.rows, info.row_stems) if stem in usable]
-    write_fileinfo(osp.join(out, spec.fileinfo), info.fieldnames, rows)
+    write_fileinfo(cleaned_csv, info.fieldnames, rows)
     return report
 
 
@@ -261,6 +263,9 @@ def prepare_segpath(src_dir: str,
         if not antigens and _find_source(src_dir, spec) == (None, None):
             continue
         reports.append(prepare_antigen(src_dir, data_root, spec, expected_size, normalise))
+    if not reports:
+        print_log(f'{src_dir}: no SegPath archive, unpacked folder or fileinfo CSV found', logger='current',
+                  level=logging.WARNING)
     report = PrepareReport(reports)
     for problem in report.problems:
         print_log(problem, logger='current', level=logging.WARNING)
