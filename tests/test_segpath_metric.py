@@ -5,8 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from mmengine.evaluator import Evaluator
 from mmengine.logging import MMLogger
+from mmengine.registry import DefaultScope
+from mmengine.structures import PixelData
 from mmseg.evaluation import IoUMetric
+from mmseg.structures import SegDataSample
 from PIL import Image
 
 from mmseg_sparsevit.evaluation import (SegPathMetric, areas_to_metrics,
@@ -201,13 +205,18 @@ def test_matches_iou_metric_on_random_data(num_classes, nan_to_num, seed):
         assert math.isnan(ours['IoU.class3'])
 
 
-def test_evaluate_applies_prefix():
-    metric = SegPathMetric(prefix='val')
-    metric.dataset_meta = dict(classes=BINARY)
-    metric.process({}, [sample(PRED, LABEL)])
-    metrics = metric.evaluate(size=1)
-    assert metrics['val/IoU'] == pytest.approx(100 * EXPECTED['IoU'])
-    assert not metric.results  # evaluate resets the accumulated areas
+def test_registered_and_runs_in_evaluator():
+    """Built from a config in the mmseg scope, fed SegDataSamples the way the
+    test loop does."""
+    seg_sample = SegDataSample(metainfo=dict(img_path='tile_HE.png'))
+    seg_sample.pred_sem_seg = PixelData(data=torch.tensor([PRED]))
+    seg_sample.gt_sem_seg = PixelData(data=torch.tensor([LABEL]))
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        evaluator = Evaluator(dict(type='SegPathMetric', prefix='test'))
+    evaluator.dataset_meta = dict(classes=BINARY)
+    evaluator.process([seg_sample])
+    metrics = evaluator.evaluate(1)
+    assert metrics['test/Dice'] == pytest.approx(100 * EXPECTED['Dice'])
 
 
 def test_foreground_index_none_omits_foreground_keys():
