@@ -8,7 +8,6 @@ import logging
 import os
 from typing import Literal, Optional, Union
 
-import torch
 from torch import Tensor, nn
 
 from .backends import flex
@@ -48,14 +47,20 @@ def _log_once(choice: str, reasons: tuple[str, ...]) -> None:
         logger.info('sparse_attention: using the %s backend%s', choice, why)
 
 
+def _requested_backend(backend: Optional[str]) -> Optional[str]:
+    _check_backend('backend', backend)
+    requested = backend or _forced_backend
+    if requested is None:
+        requested = os.environ.get(BACKEND_ENV) or None
+        _check_backend(f'environment variable {BACKEND_ENV}', requested)
+    return requested
+
+
 def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: Optional[Backend] = None) -> Backend:
     """Resolve the backend: explicit argument, then ``set_attention_backend``, then the environment
     variable, then the fastest path that accepts these inputs.  A requested backend that cannot run
     raises instead of silently falling back."""
-    _check_backend('backend', backend)
-    env = os.environ.get(BACKEND_ENV) or None
-    _check_backend(f'environment variable {BACKEND_ENV}', env)
-    requested = backend or _forced_backend or env
+    requested = _requested_backend(backend)
     if requested == 'flex':
         reason = flex.why_not(q, k, v, automatic=False)
         if reason is not None:
@@ -93,7 +98,14 @@ def sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
     if select_backend(q, k, v, backend) == 'flex':
-        out, global_attn = flex.flex_attention_backend(*args)
+        try:
+            out, global_attn = flex.flex_attention_backend(*args)
+        except Exception as err:  # e.g. no C++ compiler for inductor: degrade only if chosen for you
+            if _requested_backend(backend) is not None:
+                raise
+            flex.failure = f'failed earlier with {type(err).__name__}: {err}'
+            logger.warning('sparse_attention: flex backend %s; using gather from now on', flex.failure)
+            out, global_attn = gather_attention(*args)
     else:
         out, global_attn = gather_attention(*args)
     return (out, global_attn) if return_global_attn else out
@@ -117,4 +129,5 @@ class SparseAttention(nn.Module):
                                 backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f'window_size={self.window_size}, neighbourhood={self.neighbourhood!r}, backend={self.backend!r}'
+        return (f'window_size={self.window_size}, neighbourhood={self.neighbourhood!r}, '
+                f'backend={self.backend!r}')

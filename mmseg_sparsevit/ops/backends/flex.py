@@ -24,13 +24,16 @@ except ImportError:  # torch < 2.5
 FLEX_BLOCK_SIZE = 64  # kernel block; 64 matches an 8 x 8 tile, the paper's window
 FLEX_MIN_TOKENS_CPU = 4096  # below this the one-off compile costs more than gather ever does
 _compiled_flex: Optional[Callable] = None
-_structure_cache: dict[tuple, '_Structure'] = {}
+failure: Optional[str] = None  # set by the dispatcher when an automatic flex call raised
+_block_mask_cache: dict[tuple, 'BlockMask'] = {}
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
     """Why the compiled flex path cannot (or, when ``automatic``, should not) run; None if it can."""
     if flex_attention is None:
         return 'torch has no flex_attention'
+    if automatic and failure is not None:
+        return failure
     if q.device.type not in ('cpu', 'cuda'):
         return f'device type {q.device.type!r} unsupported'
     if q.device.type == 'cpu':
@@ -44,8 +47,7 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
 @dataclass
 class _Structure:
     """Everything about the block mask that depends only on (grid, G, window, pattern, device)."""
-    kv_num_blocks: Tensor
-    kv_indices: Tensor
+    needed: Tensor  # (q blocks, kv blocks) kernel block pairs holding any visible key
     q_rc: tuple[Tensor, Tensor]  # (P,) query slot coordinates, clamped into the grid
     kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates (0 for globals)
     bounds: tuple[Tensor, Tensor, Tensor, Tensor]  # lo_r, hi_r (H,), lo_c, hi_c (W,)
@@ -73,9 +75,6 @@ def _structure(layout: TileLayout, num_global: int, window_size: int,
                neighbourhood: Neighbourhood) -> _Structure:
     (height, width), (th, tw), (nth, ntw) = layout.grid_hw, layout.tile_hw, layout.tiles_hw
     device = layout.pos_token.device
-    key = (layout.grid_hw, num_global, window_size, neighbourhood, device)
-    if key in _structure_cache:
-        return _structure_cache[key]
     num_slots = layout.num_tiles * layout.tile_size
     adj_r = _tile_adjacency(height, th, nth, window_size, neighbourhood, device)
     adj_c = _tile_adjacency(width, tw, ntw, window_size, neighbourhood, device)
@@ -85,25 +84,20 @@ def _structure(layout: TileLayout, num_global: int, window_size: int,
     needed = (q_member @ tile_adj.float() @ kv_member.T) > 0
     if num_global:
         needed[:, num_slots // FLEX_BLOCK_SIZE:] = True  # kernel blocks holding global keys
-    kv_indices = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
 
     slot_r, slot_c = layout.slot_rc
     pad = slot_r.new_zeros(num_global)
     lo_r, hi_r = window_bounds(torch.arange(height, device=device), height, window_size, neighbourhood)
     lo_c, hi_c = window_bounds(torch.arange(width, device=device), width, window_size, neighbourhood)
-    structure = _Structure(
-        kv_num_blocks=needed.sum(-1, dtype=torch.int32)[None, None], kv_indices=kv_indices[None, None],
-        q_rc=(slot_r.clamp(max=height - 1), slot_c.clamp(max=width - 1)),
-        kv_rc=(torch.cat([slot_r, pad]), torch.cat([slot_c, pad])),
-        bounds=(lo_r, hi_r, lo_c, hi_c),
+    return _Structure(
+        needed=needed, q_rc=(slot_r.clamp(max=height - 1), slot_c.clamp(max=width - 1)),
+        kv_rc=(torch.cat([slot_r, pad]), torch.cat([slot_c, pad])), bounds=(lo_r, hi_r, lo_c, hi_c),
         kv_global=torch.arange(num_slots + num_global, device=device) >= num_slots)
-    _structure_cache[key] = structure
-    return structure
 
 
-def _block_mask(structure: _Structure, kv_present: Tensor, num_queries: int) -> 'BlockMask':
-    """Block mask whose ``mask_mod`` admits present keys inside the query's window, and global keys.
-    ``kv_present`` is (B', P + G); B' = 1 (no pruning) broadcasts over the batch."""
+def _mask_mod(structure: _Structure, kv_present: Tensor) -> Callable:
+    """``mask_mod`` admitting present keys inside the query's window, and global keys.
+    ``kv_present`` is (B', P + G); B' = 1 broadcasts over the batch."""
     q_r, q_c = structure.q_rc
     kv_r, kv_c = structure.kv_rc
     lo_r, hi_r, lo_c, hi_c = structure.bounds
@@ -116,9 +110,50 @@ def _block_mask(structure: _Structure, kv_present: Tensor, num_queries: int) -> 
         present = kv_present[b if per_sample else 0, kv_idx]
         return (inside & present) | kv_global[kv_idx]
 
-    return BlockMask.from_kv_blocks(structure.kv_num_blocks, structure.kv_indices,
-                                    BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask_mod,
-                                    seq_lengths=(num_queries, kv_present.shape[1]))
+    return mask_mod
+
+
+def _full_blocks(mask_mod: Callable, needed: Tensor, num_queries: int, num_keys: int,
+                 chunk: int = 256) -> Tensor:
+    """Needed block pairs in which ``mask_mod`` admits every pair, so the kernel can skip evaluating it.
+    Evaluated in chunks of block pairs: O(chunk * block^2) memory, once per cached structure."""
+    q_blocks, kv_blocks = needed.nonzero(as_tuple=True)
+    offsets = torch.arange(FLEX_BLOCK_SIZE, device=needed.device)
+    full = torch.zeros_like(needed)
+    for i in range(0, len(q_blocks), chunk):
+        q_idx = q_blocks[i:i + chunk, None] * FLEX_BLOCK_SIZE + offsets
+        kv_idx = kv_blocks[i:i + chunk, None] * FLEX_BLOCK_SIZE + offsets
+        in_range = (q_idx < num_queries).all(1) & (kv_idx < num_keys).all(1)
+        admitted = mask_mod(0, 0, q_idx.clamp(max=num_queries - 1)[:, :, None],
+                            kv_idx.clamp(max=num_keys - 1)[:, None, :])
+        full[q_blocks[i:i + chunk], kv_blocks[i:i + chunk]] = in_range & admitted.flatten(1).all(1)
+    return full
+
+
+def _kv_blocks(pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """(q blocks, kv blocks) bool -> BlockMask's (1, 1, q blocks) counts and (1, 1, q, kv) indices."""
+    indices = torch.argsort((~pairs).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return pairs.sum(-1, dtype=torch.int32)[None, None], indices[None, None]
+
+
+def _block_mask(layout: TileLayout, num_global: int, window_size: int, neighbourhood: Neighbourhood,
+                kv_present: Tensor, pruned: bool) -> 'BlockMask':
+    """Block mask for this call.  Without pruning it is cached per (grid, G, window, pattern, device)
+    and marks fully visible block pairs, so interior tiles run without ``mask_mod``."""
+    key = (layout.grid_hw, num_global, window_size, neighbourhood, kv_present.device)
+    if not pruned and key in _block_mask_cache:
+        return _block_mask_cache[key]
+    structure = _structure(layout, num_global, window_size, neighbourhood)
+    mask_mod = _mask_mod(structure, kv_present)
+    seq_lengths = (structure.q_rc[0].shape[0], kv_present.shape[1])
+    full = torch.zeros_like(structure.needed) if pruned else _full_blocks(mask_mod, structure.needed,
+                                                                         *seq_lengths)
+    block_mask = BlockMask.from_kv_blocks(*_kv_blocks(structure.needed & ~full), *_kv_blocks(full),
+                                          BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask_mod,
+                                          seq_lengths=seq_lengths)
+    if not pruned:
+        _block_mask_cache[key] = block_mask
+    return block_mask
 
 
 def _take_tokens(x: Tensor, index: Tensor) -> Tensor:
@@ -139,11 +174,11 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, 
     """
     global _compiled_flex
     layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
-    structure = _structure(layout, num_global, window_size, neighbourhood)
     global_ids = torch.arange(num_global, device=q.device).expand(layout.slot_token.shape[0], -1)
     kv_token = torch.cat([layout.slot_token, global_ids], dim=1)
     kv_present = torch.cat([layout.slot_valid, torch.ones_like(global_ids, dtype=torch.bool)], dim=1)
-    block_mask = _block_mask(structure, kv_present, layout.slot_token.shape[1])
+    block_mask = _block_mask(layout, num_global, window_size, neighbourhood, kv_present,
+                             pruned=patch_index is not None)
 
     q_s, k_s, v_s = _take_tokens(q, layout.slot_token), _take_tokens(k, kv_token), _take_tokens(v, kv_token)
     if compiled:

@@ -1,0 +1,317 @@
+"""Windowed sparse attention: geometry, every backend against the dense reference, dispatch, checks.
+
+The reference (dense boolean mask + softmax) is the source of truth; its geometry is itself checked
+against brute-force loops written here independently.  Flex runs eagerly (unfused, small shapes) in
+the sweep; one clearly marked test compiles it (~20 s cold on 2 CPU cores).
+"""
+import logging
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmseg_sparsevit.ops import (SparseAttention, neighbourhood_mask, select_backend,
+                                 set_attention_backend, sparse_attention, sparse_attention_reference,
+                                 window_bounds)
+from mmseg_sparsevit.ops.backends import flex
+from mmseg_sparsevit.ops.backends.gather import gather_attention
+from mmseg_sparsevit.ops.sparse_attention import BACKEND_ENV
+
+needs_flex = pytest.mark.skipif(flex.flex_attention is None, reason='torch has no flex_attention')
+
+
+def _flex_eager(*args):
+    return flex.flex_attention_backend(*args, compiled=False)
+
+
+BACKENDS = {'gather': gather_attention, 'flex': pytest.param(_flex_eager, marks=needs_flex)}
+
+
+# ---------------------------------------------------------------- geometry, by brute force ----------
+def _brute_bounds(pos: int, length: int, w: int, neighbourhood: str) -> tuple[int, int]:
+    if neighbourhood == 'block':
+        keys = [k for k in range(length) if abs(k // w - pos // w) <= 1]
+        return keys[0], keys[-1] + 1
+    start = max(min(pos - w // 2, length - w), 0)
+    return start, min(start + w, length)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_window_bounds_match_brute_force(neighbourhood):
+    for length in range(1, 14):
+        for w in range(1, 10):
+            lo, hi = window_bounds(torch.arange(length), length, w, neighbourhood)
+            expected = [_brute_bounds(p, length, w, neighbourhood) for p in range(length)]
+            assert list(zip(lo.tolist(), hi.tolist())) == expected, (length, w)
+
+
+def test_sliding_window_clamps_inward_like_natten():
+    lo, hi = window_bounds(torch.arange(10), 10, 4, 'sliding')
+    assert lo.tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 6]
+    assert ((hi - lo) == 4).all()  # always a full window when the axis is long enough
+
+
+def test_pruned_mask_is_full_mask_restricted_to_kept_tokens():
+    grid, num_global = (7, 9), 2
+    keep = torch.tensor([[0, 3, 4, 10, 11, 30, 31, 40, 62], [1, 2, 5, 8, 20, 21, 22, 50, 61]])
+    full = neighbourhood_mask(grid, num_global, 3, 'sliding')[0]
+    pruned = neighbourhood_mask(grid, num_global, 3, 'sliding', keep)
+    for b in range(2):
+        rows = torch.cat([torch.arange(num_global), keep[b] + num_global])
+        assert torch.equal(pruned[b], full[rows][:, rows])
+
+
+# ---------------------------------------------------------------- backends vs reference ------------
+def _inputs(seed, batch, num_global, grid, keep=1.0, heads=2, dim=8, dtype=torch.float32,
+            requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    cells = grid[0] * grid[1]
+    patch_index = None
+    num_patches = cells
+    if keep < 1.0:
+        num_patches = max(1, int(cells * keep))
+        patch_index = torch.stack(
+            [torch.randperm(cells, generator=gen)[:num_patches].sort().values for _ in range(batch)])
+    q, k, v = (torch.randn(batch, heads, num_global + num_patches, dim, generator=gen, dtype=dtype)
+               .requires_grad_(requires_grad) for _ in range(3))
+    return q, k, v, patch_index
+
+
+# (grid, num_global, window, batch, keep fraction): odd grids, partial blocks, window >= grid,
+# G = 0 / 1 / 9, batch > 1, pruned subsets.
+HAND_PICKED = [
+    ((5, 7), 1, 3, 1, 1.0),
+    ((9, 4), 9, 4, 2, 1.0),
+    ((13, 1), 0, 3, 1, 1.0),
+    ((6, 6), 9, 8, 2, 1.0),
+    ((8, 8), 9, 2, 2, 0.5),
+    ((7, 9), 0, 3, 3, 0.3),
+    ((11, 6), 1, 5, 2, 0.7),
+    ((3, 3), 1, 1, 1, 0.12),
+]
+_rng = random.Random(0)
+RANDOM_SWEEP = [((_rng.randint(1, 14), _rng.randint(1, 14)), _rng.choice([0, 1, 9]), _rng.randint(1, 9),
+                 _rng.randint(1, 3), _rng.choice([1.0, 0.4, 0.8])) for _ in range(10)]
+
+
+@pytest.mark.parametrize('backend', BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,window,batch,keep', HAND_PICKED + RANDOM_SWEEP)
+def test_backend_matches_reference(backend, neighbourhood, grid, num_global, window, batch, keep):
+    q, k, v, patch_index = _inputs(hash((grid, window, batch)) % 1000, batch, num_global, grid, keep)
+    ref_out, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood,
+                                                   patch_index, return_global_attn=True)
+    out, attn = backend(q, k, v, grid, num_global, window, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+    assert attn.shape == (batch, q.shape[1], num_global, q.shape[2] - num_global)
+
+
+@pytest.mark.parametrize('backend', BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('keep', [1.0, 0.5])
+def test_window_covering_grid_is_dense_attention(backend, neighbourhood, keep):
+    q, k, v, patch_index = _inputs(3, 2, 9, (6, 5), keep)
+    out, _ = backend(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,keep', [((7, 10), 9, 1.0), ((9, 6), 0, 0.6), ((4, 4), 1, 0.25)])
+def test_gather_gradients_match_reference(neighbourhood, grid, num_global, keep):
+    q, k, v, patch_index = _inputs(7, 2, num_global, grid, keep, requires_grad=True)
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        out, attn = fn(q, k, v, grid, num_global, 3, neighbourhood, patch_index, return_global_attn=True,
+                       backend='gather')
+        loss = (out * grad_out).sum() + (attn * torch.linspace(0, 1, attn.shape[-1])).sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v)))
+    for name, ref, got in zip('qkv', *grads):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f'd{name}')
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_gather_low_precision_close_to_reference(dtype, tol):
+    q, k, v, _ = _inputs(5, 1, 9, (9, 10), dtype=dtype)
+    out = sparse_attention(q, k, v, (9, 10), 9, 4, backend='gather')
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, (9, 10), 9, 4), atol=tol, rtol=tol)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out, ):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_gather_never_builds_attention_sized_tensors(neighbourhood):
+    """56 x 56 grid, window 2, one head of dim 4: N^2 = 9.8M, gathered keys ~ N * (9 w^2 + G) * 4 = 0.5M."""
+    q, k, v, _ = _inputs(0, 1, 1, (56, 56), heads=1, dim=4)
+    num_tokens = q.shape[2]
+    largest = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        with torch.no_grad(), _LargestTensor() as probe:
+            fn(q, k, v, (56, 56), 1, 2, neighbourhood, backend='gather')
+        largest.append(probe.largest)
+    assert largest[0] >= num_tokens**2  # the probe does see the reference's dense scores
+    assert largest[1] <= num_tokens * (9 * 4 + 1) * 4 < num_tokens**2 / 16
+
+
+# ---------------------------------------------------------------- compiled flex (expensive) --------
+@needs_flex
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_compiled_flex_matches_reference(neighbourhood):
+    """EXPENSIVE: compiles FlexAttention (~20 s cold on this 2-core CPU, cached after; both patterns
+    and the pruned call share one compiled graph).  Exercises the cached block mask with full blocks."""
+    grid, num_global = (10, 13), 9
+    for keep in (1.0, 1.0, 0.6):  # second unpruned call hits the block mask cache
+        q, k, v, patch_index = _inputs(11, 2, num_global, grid, keep, heads=2, dim=16)
+        with torch.no_grad():
+            out, attn = sparse_attention(q, k, v, grid, num_global, 4, neighbourhood, patch_index,
+                                         return_global_attn=True, backend='flex')
+        ref_out, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, 4, neighbourhood,
+                                                       patch_index, return_global_attn=True)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- backend choice -------------------
+@pytest.fixture
+def clean_choice(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    set_attention_backend(None)
+    yield monkeypatch
+    set_attention_backend(None)
+
+
+def test_automatic_choice_logs_why_flex_said_no(clean_choice, caplog):
+    q, k, v, _ = _inputs(0, 1, 1, (4, 4), requires_grad=True)
+    with caplog.at_level(logging.INFO, logger='mmseg_sparsevit.ops.sparse_attention'):
+        assert select_backend(q, k, v) == 'gather'
+        select_backend(q, k, v)
+    messages = [r.getMessage() for r in caplog.records]
+    expected_reason = 'torch has no flex_attention' if flex.flex_attention is None else 'no grad on CPU'
+    assert len(messages) == 1 and expected_reason in messages[0]
+
+
+@needs_flex
+def test_automatic_choice_keeps_small_cpu_inputs_on_gather(clean_choice):
+    q, k, v, _ = _inputs(0, 1, 1, (4, 4))
+    with torch.no_grad():
+        assert select_backend(q, k, v) == 'gather'
+        big = torch.empty(1, 1, flex.FLEX_MIN_TOKENS_CPU, 8)
+        assert select_backend(big, big, big) == 'flex'
+
+
+def test_forcing_a_backend(clean_choice):
+    q, k, v, _ = _inputs(0, 1, 1, (4, 4))
+    clean_choice.setenv(BACKEND_ENV, 'gather')
+    assert select_backend(q, k, v) == 'gather'
+    clean_choice.setenv(BACKEND_ENV, 'bogus')
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        select_backend(q, k, v)
+    set_attention_backend('gather')  # the function beats the environment variable
+    assert select_backend(q, k, v) == 'gather'
+    with pytest.raises(ValueError, match='backend'):
+        set_attention_backend('dense')
+
+
+@needs_flex
+def test_automatic_flex_failure_falls_back_to_gather(clean_choice, caplog):
+    def broken(*args):
+        raise RuntimeError('no compiler')
+
+    clean_choice.setattr(flex, 'flex_attention_backend', broken)
+    clean_choice.setattr(flex, 'FLEX_MIN_TOKENS_CPU', 1)
+    clean_choice.setattr(flex, 'failure', None)
+    q, k, v, _ = _inputs(0, 1, 1, (4, 4))
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        out = sparse_attention(q, k, v, (4, 4), 1, 2)
+        assert 'no compiler' in caplog.text
+        assert select_backend(q, k, v) == 'gather'
+        with pytest.raises(RuntimeError, match='no compiler'):  # asked for by name: no silent fallback
+            sparse_attention(q, k, v, (4, 4), 1, 2, backend='flex')
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, (4, 4), 1, 2))
+
+
+@needs_flex
+def test_requested_flex_that_cannot_run_raises(clean_choice):
+    q, k, v, _ = _inputs(0, 1, 1, (4, 4), requires_grad=True)
+    with pytest.raises(RuntimeError, match='no grad on CPU'):
+        sparse_attention(q, k, v, (4, 4), 1, backend='flex')
+
+
+def test_module_calls_the_function():
+    q, k, v, patch_index = _inputs(2, 2, 1, (5, 6), 0.5)
+    layer = SparseAttention(window_size=2, neighbourhood='sliding', backend='gather')
+    out, attn = layer(q, k, v, (5, 6), 1, patch_index=patch_index, return_global_attn=True)
+    ref_out, ref_attn = sparse_attention_reference(q, k, v, (5, 6), 1, 2, 'sliding', patch_index,
+                                                   return_global_attn=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+    assert 'sliding' in repr(layer)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, _ = _inputs(4, 1, 1, (3, 3), dim=16)
+    explicit = sparse_attention(q, k, v, (3, 3), 1, backend='gather', scale=1 / math.sqrt(16))
+    torch.testing.assert_close(sparse_attention(q, k, v, (3, 3), 1, backend='gather'), explicit)
+    doubled = sparse_attention(q, k, v, (3, 3), 1, backend='gather', scale=0.5)
+    assert not torch.allclose(doubled, explicit)
+
+
+# ---------------------------------------------------------------- argument checks ------------------
+def _bad_calls():
+    q, k, v, _ = _inputs(0, 2, 1, (3, 4))
+    good = dict(q=q, k=k, v=v, grid_hw=(3, 4), num_global=1)
+    pruned = dict(good, q=q[:, :, :6], k=k[:, :, :6], v=v[:, :, :6])
+    index = torch.tensor([[0, 2, 5, 7, 11], [1, 2, 3, 4, 5]])
+    return [
+        ('q', dict(good, q=q[0]), 'q must be'),
+        ('k', dict(good, k=k[:, :1]), 'k shape'),
+        ('v', dict(good, v=v[:, :, :3]), 'v shape'),
+        ('dtype', dict(good, q=q.long()), 'q must be floating point'),
+        ('mixed', dict(good, v=v.double()), 'dtypes differ'),
+        ('grid', dict(good, grid_hw=(0, 12)), 'grid_hw'),
+        ('grid3', dict(good, grid_hw=(3, 4, 1)), 'grid_hw'),
+        ('count', dict(good, grid_hw=(4, 4)), 'grid_hw=(4, 4)'),
+        ('window', dict(good, window_size=0), 'window_size'),
+        ('global', dict(good, num_global=-1), 'num_global'),
+        ('no patches', dict(good, num_global=13), 'num_global=13'),
+        ('pattern', dict(good, neighbourhood='dilated'), 'neighbourhood'),
+        ('scale', dict(good, scale=float('nan')), 'scale'),
+        ('backend', dict(good, backend='dense'), 'backend'),
+        ('flag', dict(good, return_global_attn='yes'), 'return_global_attn'),
+        ('index dtype', dict(pruned, patch_index=index.int()), 'patch_index must be a torch.long'),
+        ('index shape', dict(pruned, patch_index=index[:1]), 'patch_index shape'),
+        ('index range', dict(pruned, patch_index=index + 1), 'patch_index values'),
+        ('index order', dict(pruned, patch_index=index.flip(1)), 'strictly increasing'),
+        ('index repeat', dict(pruned, patch_index=torch.tensor([[0, 2, 2, 7, 11], [1, 2, 3, 4, 5]])),
+         'strictly increasing'),
+    ]
+
+
+_PUBLIC_ONLY = ('backend', 'flag')  # the reference ignores backend and takes the flag as a plain bool
+CHECKED_CALLS = [pytest.param(fn, *case[1:], id=f'{fn.__name__}-{case[0]}') for case in _bad_calls()
+                 for fn in (sparse_attention, sparse_attention_reference)
+                 if fn is sparse_attention or case[0] not in _PUBLIC_ONLY]
+
+
+@pytest.mark.parametrize('fn,kwargs,message', CHECKED_CALLS)
+def test_bad_arguments_name_the_argument(fn, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message.replace('(', r'\(').replace(')', r'\)')):
+        fn(**kwargs)
