@@ -4,7 +4,7 @@ Parameter names equal timm's ``Attention`` / ``Block`` (``qkv``, ``proj``, ``nor
 so that timm and hub state dicts load unchanged; only the attention kernel differs: dense (SDPA or the
 explicit "vanilla" path) or windowed sparse attention over the patch grid.
 """
-from typing import Literal, Optional, Tuple, Type, Union
+from typing import Any, Literal, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -109,18 +109,12 @@ class SparseViTBlock(nn.Module):
             drop_path: float = 0.0,
             mlp_layer: Type[nn.Module] = Mlp,
             act_layer: Type[nn.Module] = nn.GELU,
-            attn_mode: AttnMode = 'dense',
-            window_size: int = 8,
-            neighbourhood: str = 'block',
-            fused_attn: bool = True,
-            sparse_backend: Optional[str] = None,
+            **attn_kwargs: Any,
     ) -> None:
+        """``attn_kwargs`` (attn_mode, window_size, neighbourhood, ...) go to ``SparseViTAttention``."""
         super().__init__()
         self.norm1 = LayerNorm(dim)
-        self.attn = SparseViTAttention(
-            dim, num_heads, num_prefix_tokens, qkv_bias=qkv_bias, attn_mode=attn_mode,
-            window_size=window_size, neighbourhood=neighbourhood, fused_attn=fused_attn,
-            sparse_backend=sparse_backend)
+        self.attn = SparseViTAttention(dim, num_heads, num_prefix_tokens, qkv_bias=qkv_bias, **attn_kwargs)
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)

@@ -123,12 +123,13 @@ class SparseViT(BaseModule):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, a.embed_dim))
         mlp_cls, act_cls = a.layers()
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, a.depth)
+        attn_kwargs = dict(attn_mode=attn_mode, window_size=window_size, neighbourhood=neighbourhood,
+                           fused_attn=fused_attn, sparse_backend=sparse_backend)
         self.blocks = nn.ModuleList([
             SparseViTBlock(
                 a.embed_dim, a.num_heads, self.num_prefix_tokens, mlp_ratio=a.mlp_ratio, qkv_bias=a.qkv_bias,
                 init_values=a.init_values, drop_path=drop_path_rates[i], mlp_layer=mlp_cls, act_layer=act_cls,
-                attn_mode=attn_mode, window_size=window_size, neighbourhood=neighbourhood,
-                fused_attn=fused_attn, sparse_backend=sparse_backend)
+                **attn_kwargs)
             for i in range(a.depth)])
         self.norm = LayerNorm(a.embed_dim)
         self._init_timm_weights()
