@@ -1,0 +1,46 @@
+# SegPath (Komura et al., 2023): one antigen = one binary task (background vs its cell type).
+# Tiles (984 x 984 px at 40x) are resized to `img_scale`; evaluation runs on the original
+# masks (annotations load after the resize in the test pipeline and predictions are resized
+# back by the segmentor). Prepare the data with tools/prepare_segpath.py.
+dataset_type = 'SegPathDataset'
+data_root = 'data/segpath'
+antigen = 'panCK'
+img_scale = (448, 448)
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadSegPathAnnotations'),
+    dict(type='Resize', scale=img_scale, keep_ratio=False),
+    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
+    dict(type='RandomFlip', prob=0.5, direction='vertical'),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=False),
+    dict(type='LoadSegPathAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(type=dataset_type, data_root=data_root, antigen=antigen, split='train',
+                 pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type=dataset_type, data_root=data_root, antigen=antigen, split='val',
+                 pipeline=test_pipeline))
+test_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(type=dataset_type, data_root=data_root, antigen=antigen, split='test',
+                 pipeline=test_pipeline))
+val_evaluator = dict(type='SegPathMetric')
+test_evaluator = val_evaluator

@@ -1,0 +1,54 @@
+"""Test a checkpoint and write the SegPath result file (mmseg's tools/test.py for this plugin).
+
+Metrics go to the log and, for SegPath configs, to ``<work_dir>/segpath_metrics.json``
+(collect them with tools/summarize_segpath.py).
+
+Examples::
+
+    python tools/test.py CONFIG work_dirs/run/iter_300.pth
+    python tools/test.py CONFIG CKPT --show-dir work_dirs/run/vis     # PNG overlays of predictions
+    python tools/test.py CONFIG CKPT --out work_dirs/run/pred         # class-index PNGs
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from mmengine.config import DictAction
+
+from mmseg_sparsevit.apis import build_runner, configure_testing, load_config, write_segpath_results
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config', help='test config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where logs and segpath_metrics.json go')
+    parser.add_argument('--show-dir', help='save prediction overlays (PNG) under this folder')
+    parser.add_argument('--out', help='save predicted class maps (PNG) to this folder')
+    parser.add_argument('--tag', help="run tag in the result file (default: the config's segpath_tag "
+                        'or its file name)')
+    parser.add_argument('--amp', action='store_true', help='run the model in fp16 autocast')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config keys, e.g. test_dataloader.dataset.split=val')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    configure_testing(cfg, args.checkpoint, show_dir=args.show_dir, out=args.out, amp=args.amp)
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    if runner.rank == 0:
+        write_segpath_results(cfg, args.config, args.checkpoint, metrics, tag=args.tag)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
