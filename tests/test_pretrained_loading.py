@@ -69,6 +69,18 @@ def test_init_cfg_pretrained_with_prefix_through_parent_module(tmp_path: Path) -
     torch.testing.assert_close(features(parent.backbone.eval()), features(ref), atol=1e-5, rtol=0)
 
 
+def test_init_cfg_list_applies_other_initialisers_before_pretrained(tmp_path: Path) -> None:
+    ref = timm_model()
+    path = write(ref.state_dict(), tmp_path / 'w.safetensors')
+    constant = dict(type='Constant', layer='Linear', val=0.5)
+    only_constant = SparseViT('uni2-h', **TINY, init_cfg=[constant])
+    only_constant.init_weights()
+    assert bool((only_constant.blocks[1].attn.qkv.weight == 0.5).all())
+    both = SparseViT('uni2-h', **TINY, init_cfg=[constant, dict(type='Pretrained', checkpoint=path)]).eval()
+    both.init_weights()
+    torch.testing.assert_close(features(both), features(ref), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize('arch', ['uni2-h', 'uni'])
 def test_pos_embed_resampled_to_model_img_size(tmp_path: Path, arch: str) -> None:
     ref = timm_model(arch)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from mmengine.model import BaseModule
+from mmengine.model.weight_init import initialize
 from timm.layers import LayerNorm, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
 from timm.models import named_apply
 from timm.models.vision_transformer import init_weights_vit_timm
@@ -156,18 +157,20 @@ class SparseViT(BaseModule):
         named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     def init_weights(self) -> None:
-        """Load ``pretrained`` / ``init_cfg=dict(type='Pretrained')`` strictly, with pos-embed resampling.
+        """Apply ``init_cfg``; ``Pretrained`` entries load strictly, with pos-embed resampling, last.
 
         mmengine's own ``PretrainedInit`` loads non-strictly and cannot read safetensors or resample the
-        position embedding, so a ``Pretrained`` config is handled here. Without any init config the timm
-        initialisation from ``__init__`` is kept.
+        position embedding, so ``Pretrained`` configs are handled here; other entries go to mmengine's
+        ``initialize``. Without any init config the timm initialisation from ``__init__`` is kept.
         """
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained_weights(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-        elif cfg is not None:
-            super().init_weights()
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg] if self.init_cfg else []
+        others = [cfg for cfg in cfgs if cfg.get('type') != 'Pretrained']
+        if others:
+            initialize(self, others)
+        for cfg in cfgs:
+            if cfg.get('type') == 'Pretrained':
+                load_pretrained_weights(self, cfg['checkpoint'], prefix=cfg.get('prefix'))
+        self._is_init = True
 
     def train(self, mode: bool = True) -> 'SparseViT':
         """A frozen ViT stays in eval mode (no drop path) while modules added by subclasses train."""
