@@ -103,6 +103,19 @@ def test_classifier_head_is_ignored(tmp_path: Path) -> None:
     torch.testing.assert_close(features(model), features(ref), atol=1e-5, rtol=0)
 
 
+def test_switched_off_final_norm_ignores_norm_keys(tmp_path: Path) -> None:
+    """``final_norm=False`` (or a norm replaced by nn.Identity, as the adapter does) loads a full checkpoint."""
+    ref = timm_model()
+    path = write(ref.state_dict(), tmp_path / 'w.bin')
+    model = SparseViT('uni2-h', **TINY, final_norm=False, pretrained=path).eval()
+    assert not any(k.startswith('norm.') for k in model.state_dict())
+    model.init_weights()
+    x = torch.randn(1, 3, 56, 70)
+    with torch.no_grad():
+        [(_, prefix)] = ref.forward_intermediates(x, indices=[1], return_prefix_tokens=True, intermediates_only=True)
+        torch.testing.assert_close(model.extract_features(x)['cls'], prefix[:, 0], atol=1e-5, rtol=0)
+
+
 def test_mismatch_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
     state = timm_model().state_dict()
     del state['norm.weight']

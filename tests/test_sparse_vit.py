@@ -57,11 +57,11 @@ def test_dense_matches_timm(arch: str, size: int) -> None:
 
 
 def test_global_tokens_match_timm_prefix_tokens() -> None:
-    ref, model = build_pair('uni2-h', final_norm=False, return_global_tokens=True)
+    ref, model = build_pair('uni2-h', out_indices=0, return_global_tokens=True)
     x = torch.randn(2, 3, 112, 140)
     with torch.no_grad():
         [(timm_map, timm_prefix)] = ref.forward_intermediates(
-            x, indices=[1], return_prefix_tokens=True, intermediates_only=True)
+            x, indices=[0], return_prefix_tokens=True, intermediates_only=True)
         [(feature_map, global_tokens)] = model(x)
     assert global_tokens.shape == (2, 9, TINY['embed_dim'])
     assert feature_map.shape == (2, TINY['embed_dim'], 8, 10)

@@ -40,8 +40,9 @@ class SparseViT(BaseModule):
         window_size, neighbourhood, sparse_backend: Passed to ``sparse_attention`` in sparse mode.
         fused_attn: Dense mode kernel: SDPA (True) or the explicit softmax(QK^T)V path (False, "vanilla").
         out_indices: Blocks whose outputs ``forward`` returns as NCHW maps (negative counts from the end).
-        final_norm: Apply the final ``norm`` to the map taken from the last block (timm features are
-            normalised; mmseg's ViT calls this ``final_norm``).
+        final_norm: Keep the final ``norm`` (timm features are normalised): it is applied to the map of
+            the last block and in ``extract_features``. False makes it ``nn.Identity`` and checkpoint
+            ``norm.*`` keys are ignored (e.g. the adapter, which reads tokens between blocks).
         return_global_tokens: ``forward`` returns ``(map, global_tokens)`` pairs instead of maps.
         token_pruning: Enable attention-guided token pruning in ``extract_features``.
         prune_ratio: Fraction of patch tokens removed (``floor(ratio * M)``); used when pruning is on.
@@ -103,7 +104,6 @@ class SparseViT(BaseModule):
         self.no_embed_class = a.no_embed_class
         self.attn_mode = attn_mode
         self.out_indices = self._resolve_out_indices(out_indices)
-        self.final_norm = final_norm
         self.return_global_tokens = return_global_tokens
         self.token_pruning = token_pruning
         self.prune_ratio = prune_ratio
@@ -132,7 +132,7 @@ class SparseViT(BaseModule):
                 init_values=a.init_values, drop_path=drop_path_rates[i], mlp_layer=mlp_cls, act_layer=act_cls,
                 **attn_kwargs)
             for i in range(a.depth)])
-        self.norm = LayerNorm(a.embed_dim)
+        self.norm = LayerNorm(a.embed_dim) if final_norm else nn.Identity()
         self._init_timm_weights()
         if frozen:
             self.requires_grad_(False)
@@ -254,7 +254,7 @@ class SparseViT(BaseModule):
         for index in range(self.out_indices[-1] + 1):
             x = self.run_block(index, x, grid_hw)
             if index in self.out_indices:
-                y = self.norm(x) if self.final_norm and index == self.depth - 1 else x
+                y = self.norm(x) if index == self.depth - 1 else x
                 feature_map = self.tokens_to_map(y, grid_hw)
                 outs.append((feature_map, y[:, :self.num_prefix_tokens]) if with_global else feature_map)
         return tuple(outs)

@@ -2,7 +2,7 @@
 
 SparseViT keeps timm's parameter names, so loading is a plain strict ``load_state_dict`` after three
 stateless adaptations: unwrap training containers, strip an optional key prefix and drop a classifier
-head, and resample ``pos_embed`` with timm's ``resample_abs_pos_embed`` when the checkpoint was stored
+head or switched-off final norm, and resample ``pos_embed`` with timm's ``resample_abs_pos_embed`` when the checkpoint was stored
 for a different grid than the model's ``img_size``.
 """
 import math
@@ -17,7 +17,9 @@ from timm.layers import resample_abs_pos_embed
 StateDict = Dict[str, torch.Tensor]
 
 CONTAINER_KEYS = ('state_dict', 'model')
-HEAD_PREFIXES = ('head.', 'fc_norm.')
+# Modules a backbone may lack (classifier head, or a final norm switched off with ``final_norm=False``
+# or replaced by ``nn.Identity``): their checkpoint keys are dropped when the model has none under them.
+OPTIONAL_PREFIXES = ('head.', 'fc_norm.', 'norm.')
 
 
 def read_state_dict(path: str) -> StateDict:
@@ -58,16 +60,17 @@ def resample_pos_embed_for(model: nn.Module, pos_embed: torch.Tensor, path: str 
 
 def adapt_state_dict(state: StateDict, model: nn.Module, prefix: Optional[str] = None,
                      path: str = '<state dict>') -> StateDict:
-    """Checkpoint filter: select ``prefix``, drop classifier-head keys, resample ``pos_embed``."""
+    """Checkpoint filter: select ``prefix``, drop keys of absent optional modules, resample ``pos_embed``."""
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise KeyError(f'{path}: no keys start with prefix {prefix!r}')
     own = model.state_dict()
-    head = sorted(k for k in state if k.startswith(HEAD_PREFIXES) and k not in own)
-    if head:
-        print_log(f'{path}: ignoring classifier keys {head}', logger='current')
-    state = {k: v for k, v in state.items() if k not in head}
+    absent = tuple(p for p in OPTIONAL_PREFIXES if not any(k.startswith(p) for k in own))
+    dropped = sorted(k for k in state if k.startswith(absent)) if absent else []
+    if dropped:
+        print_log(f'{path}: ignoring keys of modules the backbone does not have: {dropped}', logger='current')
+    state = {k: v for k, v in state.items() if k not in dropped}
     if 'pos_embed' in state and getattr(model, 'pos_embed', None) is not None:
         state['pos_embed'] = resample_pos_embed_for(model, state['pos_embed'], path)
     return state
