@@ -1,0 +1,180 @@
+"""Frozen SparseViT embeddings of a classification dataset at one input size and attention mode.
+
+Modes: ``dense`` (all-to-all attention), ``sparse`` (windowed sparse attention) and ``sparse+prune``
+(sparse attention with attention-guided token pruning after block ``prune_after``, keeping
+``M - floor(prune_ratio * M)`` of the M patch tokens, see ``models.pruning.num_kept_tokens``).
+Each image yields the final-norm CLS token and the mean of the surviving patch tokens.
+"""
+import dataclasses
+import hashlib
+import json
+import os.path as osp
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from mmengine.logging import print_log
+from mmengine.utils import ProgressBar
+from torch.utils.data import DataLoader, Subset
+
+from mmseg_sparsevit.models.sparse_vit import SparseViT
+
+from .dataset import RESIZE_MODES, ClassificationImages, ResizeMode, Sample
+from .feature_store import FeatureStore
+
+Mode = Literal['dense', 'sparse', 'sparse+prune']
+MODES = ('dense', 'sparse', 'sparse+prune')
+AmpMode = Literal['auto', 'bf16', 'fp16', 'fp32']
+AMP_MODES = ('auto', 'bf16', 'fp16', 'fp32')
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Everything that changes the embeddings (and so identifies a feature file for resumption).
+
+    ``arch_overrides`` are SparseViT architecture arguments (``embed_dim``, ``depth``, ...) on top of the
+    ``arch`` preset. ``weights=None`` means a random init seeded by ``seed`` (tests, smoke runs).
+    """
+
+    size: int
+    mode: Mode = 'sparse+prune'
+    prune_ratio: float = 0.6
+    prune_after: int = 4
+    window_size: int = 8
+    resize: ResizeMode = 'stretch'
+    arch: str = 'uni2-h'
+    arch_overrides: Dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f'resize must be one of {RESIZE_MODES}, got {self.resize!r}')
+        if self.size < 1:
+            raise ValueError(f'size must be >= 1, got {self.size}')
+        if self.weights is not None and not osp.isfile(self.weights):
+            raise FileNotFoundError(f'weights file not found: {self.weights}')
+
+    @property
+    def tag(self) -> str:
+        """Short run name, e.g. ``sparse+prune_896_p0.6_w8``."""
+        tag = f'{self.mode}_{self.size}'
+        if self.mode == 'sparse+prune':
+            tag += f'_p{self.prune_ratio:g}'
+        return tag + (f'_w{self.window_size}' if self.mode != 'dense' else '')
+
+    def backbone_kwargs(self) -> Dict[str, Any]:
+        """``SparseViT`` arguments for this mode (window/pruning settings only where they act)."""
+        return dict(
+            arch=self.arch, **self.arch_overrides, attn_mode='dense' if self.mode == 'dense' else 'sparse',
+            window_size=self.window_size, token_pruning=self.mode == 'sparse+prune',
+            prune_ratio=self.prune_ratio, prune_after=self.prune_after, pretrained=self.weights)
+
+
+def build_backbone(cfg: ExtractionConfig) -> SparseViT:
+    """Frozen backbone in eval mode; random init is seeded so a resumed run rebuilds the same model."""
+    torch.manual_seed(cfg.seed)
+    model = SparseViT(**cfg.backbone_kwargs(), frozen=True)
+    model.init_weights()
+    if cfg.size % model.patch_size:
+        raise ValueError(f'size={cfg.size} is not a multiple of the patch size {model.patch_size} of '
+                         f'arch {cfg.arch!r}; choose e.g. {cfg.size // model.patch_size * model.patch_size}')
+    return model.eval()
+
+
+def resolve_amp(amp: AmpMode, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype: ``auto`` is bf16 (fp16 where bf16 is unsupported) on CUDA and fp32 on CPU."""
+    if amp not in AMP_MODES:
+        raise ValueError(f'amp must be one of {AMP_MODES}, got {amp!r}')
+    if amp == 'auto':
+        if device.type != 'cuda':
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[amp]
+
+
+@torch.inference_mode()
+def embed_batch(model: SparseViT, images: torch.Tensor,
+                amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[torch.Tensor]]:
+    """``cls`` / ``patch_mean`` (B, C) float32, ``kept_index`` (B, K) or None, ``num_kept`` (B,)."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model.extract_features(images)
+    kept = out['kept_index']
+    grid_h, grid_w = out['grid_hw']
+    num_kept = grid_h * grid_w if kept is None else kept.shape[1]
+    return dict(cls=out['cls'].float(), patch_mean=out['patch_mean'].float(), kept_index=kept,
+                num_kept=torch.full((images.shape[0],), num_kept, dtype=torch.long))
+
+
+def samples_fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of the ordered (id, label, split) list: resumption must see the same dataset in the same order."""
+    payload = json.dumps([(s.image_id, s.label, s.split) for s in samples]).encode()
+    return hashlib.sha1(payload).hexdigest()
+
+
+def extraction_meta(cfg: ExtractionConfig, samples: Sequence[Sample], device: torch.device,
+                    amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """The identity of a feature file: config, weights file size, dataset fingerprint, numerics."""
+    return dict(
+        format_version=FORMAT_VERSION, config=dataclasses.asdict(cfg),
+        weights_bytes=osp.getsize(cfg.weights) if cfg.weights else None,
+        num_samples=len(samples), samples_sha1=samples_fingerprint(samples),
+        device_type=device.type, amp=str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32')
+
+
+def _batch_arrays(emb: Dict[str, Optional[torch.Tensor]], batch: List[Sample]) -> Dict[str, np.ndarray]:
+    return dict(
+        cls=emb['cls'].cpu().numpy(), patch_mean=emb['patch_mean'].cpu().numpy(),
+        label=np.asarray([s.label for s in batch], dtype=np.int64),
+        id=np.asarray([s.image_id for s in batch], dtype=str),
+        split=np.asarray([s.split for s in batch], dtype=str),
+        num_kept=emb['num_kept'].numpy())
+
+
+def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_names: List[str], out: str,
+                     batch_size: int = 8, num_workers: int = 4, device: str = 'cpu', amp: AmpMode = 'auto',
+                     max_batches: Optional[int] = None, overwrite: bool = False) -> Dict[str, Any]:
+    """Embed ``samples`` into the feature file ``out`` (``.npz``), resuming an unfinished run.
+
+    Stops early after ``max_batches`` batches of this call (the run stays resumable). Returns
+    ``dict(path, finished, num_done, num_samples, seconds)`` where ``seconds`` is the wall time of
+    this call's batches (loading included).
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    dev = torch.device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    store = FeatureStore(out, extraction_meta(cfg, samples, dev, amp_dtype), len(samples), overwrite)
+    result = dict(path=out, finished=True, num_done=len(samples), num_samples=len(samples), seconds=0.0)
+    if store.is_finished():
+        print_log(f'{out} is complete for these settings; nothing to do', logger='current')
+        return result
+    done = store.open()
+    model = build_backbone(cfg).to(dev)
+    dataset = ClassificationImages(samples, cfg.size, cfg.resize)
+    loader = DataLoader(Subset(dataset, range(done, len(samples))), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=dev.type == 'cuda')
+    print_log(f'extracting {cfg.tag} ({len(samples) - done} images, amp={amp_dtype}) to {out}', logger='current')
+    bar = ProgressBar(len(samples) - done)
+    tic = time.perf_counter()
+    for num_batches, (images, index) in enumerate(loader, start=1):
+        start = int(index[0])
+        if start != done or int(index[-1]) != done + len(index) - 1:
+            raise RuntimeError(f'data loader returned samples {index.tolist()} out of order (expected from {done})')
+        emb = embed_batch(model, images.to(dev, non_blocking=True), amp_dtype)
+        store.write_shard(start, _batch_arrays(emb, samples[start:start + len(index)]))
+        done += len(index)
+        bar.update(len(index))
+        if max_batches is not None and num_batches >= max_batches and done < len(samples):
+            break
+    result.update(seconds=time.perf_counter() - tic, num_done=done, finished=done == len(samples))
+    if result['finished']:
+        store.finalize(class_names)
+    else:
+        print_log(f'stopped after {done}/{len(samples)} samples; run again to resume', logger='current')
+    return result

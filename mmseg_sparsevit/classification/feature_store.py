@@ -1,0 +1,152 @@
+"""Resumable on-disk store for per-image embeddings: batch shards while running, one ``.npz`` at the end.
+
+While extraction runs, ``<out>.npz.partial/`` holds ``meta.json`` (what is being extracted) and one
+``shard_<start>.npz`` per finished batch, each written to a temporary name and atomically renamed, so
+a crash can never leave a half-written shard under a valid name. A new run with the same ``meta``
+continues after the last complete shard; different ``meta`` is an error (the stored features would
+be mixed). When every sample is done the shards are concatenated into ``<out>.npz`` (again via an
+atomic rename) and the partial folder is removed.
+
+The final file is a plain numpy archive (no pickles) with the arrays named in ``FEATURE_KEYS`` plus
+``class_names`` and ``meta`` (a JSON string).
+"""
+import json
+import os
+import os.path as osp
+import re
+import shutil
+from typing import Any, Dict, List
+
+import numpy as np
+from mmengine.logging import print_log
+
+# Per-sample arrays: embeddings (N, C) float32, label (N,) int64, id / split (N,) str, num_kept (N,) int64.
+FEATURE_KEYS = ('cls', 'patch_mean', 'label', 'id', 'split', 'num_kept')
+SHARD_PATTERN = re.compile(r'^shard_(\d{9})\.npz$')
+
+
+def _atomic_savez(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _meta_diff(stored: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
+    return sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
+
+
+def load_features(path: str) -> Dict[str, Any]:
+    """Read a finished feature file: the arrays of ``FEATURE_KEYS``, ``class_names`` and ``meta`` (dict)."""
+    if not osp.isfile(path):
+        hint = ' (extraction unfinished: resume it)' if osp.isdir(f'{path}.partial') else ''
+        raise FileNotFoundError(f'feature file not found: {path}{hint}')
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in FEATURE_KEYS + ('class_names', 'meta') if k not in data.files]
+        if missing:
+            raise KeyError(f'{path}: missing arrays {missing}; has {data.files}')
+        out = {k: data[k] for k in FEATURE_KEYS + ('class_names',)}
+        out['meta'] = json.loads(str(data['meta']))
+    return out
+
+
+class FeatureStore:
+    """Writer side of the format above for a run over ``num_samples`` samples described by ``meta``.
+
+    ``meta`` must be JSON-serialisable and identify everything that changes the features (model,
+    weights, input size, mode, the ordered sample ids), because resumption trusts it.
+    """
+
+    def __init__(self, path: str, meta: Dict[str, Any], num_samples: int, overwrite: bool = False) -> None:
+        if not path.endswith('.npz'):
+            raise ValueError(f'feature file must end with .npz, got {path}')
+        self.path = path
+        self.partial_dir = f'{path}.partial'
+        self.meta = json.loads(json.dumps(meta))  # normalise tuples to lists for comparison
+        self.num_samples = num_samples
+        if overwrite:
+            for stale in (path, f'{path}.tmp'):
+                if osp.exists(stale):
+                    os.remove(stale)
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+    def is_finished(self) -> bool:
+        """True when the final file exists for the same ``meta`` (else an error if it differs)."""
+        if not osp.isfile(self.path):
+            return False
+        with np.load(self.path, allow_pickle=False) as data:
+            stored = json.loads(str(data['meta']))
+        diff = _meta_diff(stored, self.meta)
+        if diff:
+            raise ValueError(f'{self.path} exists with different settings {diff}; '
+                             'pass overwrite=True (--overwrite) or choose another output')
+        return True
+
+    def _shard_starts(self) -> List[int]:
+        starts = []
+        for name in os.listdir(self.partial_dir):
+            match = SHARD_PATTERN.match(name)
+            if match:
+                starts.append(int(match.group(1)))
+            elif name.endswith('.tmp'):  # an interrupted write; its batch is simply redone
+                os.remove(osp.join(self.partial_dir, name))
+        return sorted(starts)
+
+    def _shard_path(self, start: int) -> str:
+        return osp.join(self.partial_dir, f'shard_{start:09d}.npz')
+
+    def open(self) -> int:
+        """Prepare the partial folder; return how many leading samples are already stored."""
+        meta_file = osp.join(self.partial_dir, 'meta.json')
+        if not osp.isdir(self.partial_dir):
+            os.makedirs(self.partial_dir)
+        if not osp.isfile(meta_file):
+            with open(f'{meta_file}.tmp', 'w') as f:
+                json.dump(self.meta, f, indent=1)
+            os.replace(f'{meta_file}.tmp', meta_file)
+            return 0
+        with open(meta_file) as f:
+            diff = _meta_diff(json.load(f), self.meta)
+        if diff:
+            raise ValueError(f'{self.partial_dir} holds an unfinished extraction with different settings '
+                             f'{diff}; pass overwrite=True (--overwrite) to discard it')
+        done = 0
+        for start in self._shard_starts():
+            if start != done:
+                raise RuntimeError(f'{self.partial_dir}: shard {self._shard_path(start)} does not continue '
+                                   f'at sample {done}; the folder was modified, use overwrite')
+            with np.load(self._shard_path(start), allow_pickle=False) as shard:
+                done += len(shard['label'])
+        if done > self.num_samples:
+            raise RuntimeError(f'{self.partial_dir} holds {done} samples but the dataset has {self.num_samples}')
+        if done:
+            print_log(f'resuming {self.path}: {done}/{self.num_samples} samples already extracted',
+                      logger='current')
+        return done
+
+    def write_shard(self, start: int, arrays: Dict[str, np.ndarray]) -> None:
+        """Store samples ``start .. start + len`` (the batch just computed) atomically."""
+        missing = [k for k in FEATURE_KEYS if k not in arrays]
+        if missing:
+            raise KeyError(f'shard arrays lack {missing}')
+        _atomic_savez(self._shard_path(start), {k: arrays[k] for k in FEATURE_KEYS})
+
+    def finalize(self, class_names: List[str]) -> str:
+        """Concatenate the shards into ``path``, check the sample count, remove the partial folder."""
+        parts: Dict[str, List[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
+        for start in self._shard_starts():
+            with np.load(self._shard_path(start), allow_pickle=False) as shard:
+                for k in FEATURE_KEYS:
+                    parts[k].append(shard[k])
+        arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        if len(arrays['label']) != self.num_samples:
+            raise RuntimeError(f'{self.partial_dir}: {len(arrays["label"])} of {self.num_samples} samples '
+                               'stored; extraction is not finished')
+        arrays['class_names'] = np.asarray(class_names, dtype=str)
+        arrays['meta'] = np.asarray(json.dumps(self.meta, sort_keys=True))
+        _atomic_savez(self.path, arrays)
+        shutil.rmtree(self.partial_dir)
+        print_log(f'wrote {self.num_samples} embeddings to {self.path}', logger='current')
+        return self.path

@@ -1,0 +1,149 @@
+"""Linear-probe and KNN evaluation of frozen embeddings (the paper's tables 1-3, UNI's protocol).
+
+* Linear probe: ``StandardScaler`` + L2 ``LogisticRegression``; ``C`` is chosen from a log grid by
+  balanced accuracy on the validation split (ties go to the smaller ``C``, i.e. more regularisation),
+  then a probe with that ``C`` is fitted on the train split and scored on test.
+* KNN: features centred on the train mean and L2-normalised (as UNI's ``eval_knn``), then a
+  ``k = 20`` nearest-neighbour vote with Euclidean distance, fitted on the train split.
+
+Splits come from the feature file's ``split`` column (empty = ``train``). Missing ``test``: a seeded
+stratified ``test_fraction`` of train is held out. Missing ``val``: a seeded stratified
+``val_fraction`` of train is used to choose ``C`` and returned to train for the final fit. All metrics
+are scikit-learn's: accuracy, balanced accuracy, weighted F1, macro one-vs-rest AUROC.
+"""
+import warnings
+from typing import Any, Dict, Literal, Sequence, Tuple
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from .dataset import SPLITS
+
+FeatureKind = Literal['cls', 'patch_mean', 'cls+patch_mean']
+FEATURE_KINDS = ('cls', 'patch_mean', 'cls+patch_mean')
+DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
+KNN_K = 20
+METRIC_NAMES = ('accuracy', 'balanced_accuracy', 'weighted_f1', 'auroc')
+
+
+def select_features(data: Dict[str, Any], feature: FeatureKind = 'cls') -> np.ndarray:
+    """(N, C) float64 matrix of the chosen embedding (``cls+patch_mean`` concatenates both)."""
+    if feature not in FEATURE_KINDS:
+        raise ValueError(f'feature must be one of {FEATURE_KINDS}, got {feature!r}')
+    parts = feature.split('+')
+    return np.concatenate([np.asarray(data[p], dtype=np.float64) for p in parts], axis=1)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray) -> Dict[str, float]:
+    """scikit-learn metrics; ``proba`` is (N, num_classes) with a column for every class index.
+
+    AUROC needs every class among ``y_true``; otherwise it is NaN (with a warning) rather than an
+    average over a class-dependent subset.
+    """
+    num_classes = proba.shape[1]
+    out = dict(accuracy=accuracy_score(y_true, y_pred), balanced_accuracy=balanced_accuracy_score(y_true, y_pred),
+               weighted_f1=f1_score(y_true, y_pred, average='weighted'))
+    present = np.unique(y_true)
+    if len(present) != num_classes:
+        warnings.warn(f'AUROC undefined: test labels cover classes {present.tolist()} of {num_classes}')
+        out['auroc'] = float('nan')
+    elif num_classes == 2:
+        out['auroc'] = roc_auc_score(y_true, proba[:, 1])
+    else:
+        out['auroc'] = roc_auc_score(y_true, proba, multi_class='ovr', average='macro')
+    return {k: float(v) for k, v in out.items()}
+
+
+def predict_full(model: Pipeline, x: np.ndarray, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Predictions and (N, num_classes) probabilities, with zero columns for classes absent from training."""
+    proba = np.zeros((len(x), num_classes))
+    proba[:, model.classes_] = model.predict_proba(x)
+    return model.predict(x), proba
+
+
+def _stratified_holdout(index: np.ndarray, y: np.ndarray, fraction: float, seed: int,
+                        what: str) -> Tuple[np.ndarray, np.ndarray]:
+    if not 0 < fraction < 1:
+        raise ValueError(f'{what} fraction must be in (0, 1), got {fraction}')
+    try:
+        keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=y[index])
+    except ValueError as e:
+        raise ValueError(f'cannot hold out a stratified {what} split of {len(index)} train samples: {e}') from e
+    return np.sort(keep), np.sort(held)
+
+
+def make_splits(split: np.ndarray, y: np.ndarray, val_fraction: float = 0.2, test_fraction: float = 0.25,
+                seed: int = 0) -> Dict[str, Any]:
+    """Index arrays ``train`` (final fit), ``select`` (fit while choosing C), ``val`` and ``test``.
+
+    ``source`` records for each of val / test whether it came from the file or was held out.
+    """
+    split = np.asarray([s if s else 'train' for s in np.asarray(split).tolist()])
+    unknown = sorted(set(split) - set(SPLITS))
+    if unknown:
+        raise ValueError(f'unknown split names {unknown}; expected {SPLITS}')
+    index = {name: np.flatnonzero(split == name) for name in SPLITS}
+    source = dict(val='file', test='file')
+    if len(index['train']) == 0:
+        raise ValueError('no train samples in the feature file')
+    if len(index['test']) == 0:
+        index['train'], index['test'] = _stratified_holdout(index['train'], y, test_fraction, seed, 'test')
+        source['test'] = f'held out {test_fraction:g} of train (stratified, seed {seed})'
+    index['select'] = index['train']
+    if len(index['val']) == 0:
+        index['select'], index['val'] = _stratified_holdout(index['train'], y, val_fraction, seed, 'val')
+        source['val'] = f'held out {val_fraction:g} of train for choosing C (stratified, seed {seed})'
+    return dict(index, source=source)
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, splits: Dict[str, Any], num_classes: int,
+                 c_grid: Sequence[float] = DEFAULT_C_GRID, seed: int = 0, max_iter: int = 1000) -> Dict[str, Any]:
+    """Choose ``C`` on val, refit on train, score on test. Returns ``C``, the val scores and test metrics."""
+    if not c_grid:
+        raise ValueError('c_grid must hold at least one value')
+
+    def probe(c: float) -> Pipeline:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
+
+    val_scores = {}
+    for c in c_grid:
+        model = probe(c).fit(x[splits['select']], y[splits['select']])
+        val_scores[float(c)] = balanced_accuracy_score(y[splits['val']], model.predict(x[splits['val']]))
+    best = max(val_scores, key=lambda c: (val_scores[c], -c))
+    model = probe(best).fit(x[splits['train']], y[splits['train']])
+    pred, proba = predict_full(model, x[splits['test']], num_classes)
+    return dict(C=best, val_balanced_accuracy={f'{c:g}': float(s) for c, s in val_scores.items()},
+                test=classification_metrics(y[splits['test']], pred, proba))
+
+
+def knn_probe(x: np.ndarray, y: np.ndarray, splits: Dict[str, Any], num_classes: int,
+              k: int = KNN_K) -> Dict[str, Any]:
+    """k-NN vote on centred, L2-normalised features; ``k`` is clamped (with a warning) to the train size."""
+    num_train = len(splits['train'])
+    if num_train < k:
+        warnings.warn(f'KNN: only {num_train} train samples, using k={num_train} instead of k={k}')
+        k = num_train
+    model = make_pipeline(StandardScaler(with_std=False), Normalizer(norm='l2'),
+                          KNeighborsClassifier(n_neighbors=k, metric='euclidean'))
+    model.fit(x[splits['train']], y[splits['train']])
+    pred, proba = predict_full(model, x[splits['test']], num_classes)
+    return dict(k=k, test=classification_metrics(y[splits['test']], pred, proba))
+
+
+def evaluate_features(data: Dict[str, Any], feature: FeatureKind = 'cls', c_grid: Sequence[float] = DEFAULT_C_GRID,
+                      knn_k: int = KNN_K, val_fraction: float = 0.2, test_fraction: float = 0.25,
+                      seed: int = 0) -> Dict[str, Any]:
+    """Both probes on a loaded feature file (``load_features``); the result is JSON-serialisable."""
+    x, y = select_features(data, feature), np.asarray(data['label'])
+    num_classes = len(data['class_names'])
+    splits = make_splits(data['split'], y, val_fraction, test_fraction, seed)
+    return dict(
+        feature=feature, seed=seed, class_names=[str(c) for c in data['class_names']],
+        num_samples={name: int(len(splits[name])) for name in SPLITS}, split_source=splits['source'],
+        linear_probe=linear_probe(x, y, splits, num_classes, c_grid, seed),
+        knn=knn_probe(x, y, splits, num_classes, knn_k))
