@@ -37,12 +37,8 @@ model = dict(
         train_cfg=dict(num_points=img_scale[0] * img_scale[1] // 4)))
 
 
-def _at_scale(pipeline):
-    return [dict(step, scale=img_scale) if step['type'] == 'Resize' else step for step in pipeline]
-
-
-train_pipeline = _at_scale(_base_.train_pipeline)
-test_pipeline = _at_scale(_base_.test_pipeline)
+train_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.train_pipeline]
+test_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.test_pipeline]
 data_root = 'data/segpath_demo'
 loader = dict(num_workers=0, persistent_workers=False)
 train_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=train_pipeline))

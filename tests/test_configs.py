@@ -1,0 +1,110 @@
+"""Configs: every file loads, the SegPath leaves say what their names say, models build."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+import mmseg_sparsevit  # noqa: F401
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from mmseg_sparsevit.datasets.segpath import SEGPATH_ANTIGENS
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / 'configs'
+sys.path.insert(0, str(ROOT / 'tools'))
+import make_configs  # noqa: E402
+
+ALL = sorted(p for p in CONFIGS.rglob('*.py') if '_base_' not in p.parts)
+LEAVES = sorted((CONFIGS / 'segpath').glob('*/*.py'))
+DEMOS = sorted((CONFIGS / 'demo').glob('*.py'))
+# mmseg naming: {algo}_{backbone}_{N}xb{B}-{iters}_{data}-{crop}.py
+NAME = re.compile(r'^mask2former_(?P<backbone>[\w-]+)-adapter_\d+xb\d+-\d+k?_segpath-'
+                  r'(?P<data>\w+)-(?P<res>\d+)x(?P=res)\.py$')
+BACKBONE = re.compile(r'^uni2-h-(dense|sparse-w(?P<window>\d+))$')
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+def test_the_experiment_grid_is_complete():
+    """8 antigens x (5 resolutions x dense/sparse + windows 2/16/64 at 560), plus the demos."""
+    assert len(LEAVES) == 8 * (5 * 2 + 3)
+    assert {p.parent.name for p in LEAVES} == set(SEGPATH_ANTIGENS)
+    assert len(DEMOS) == 2
+
+
+def test_leaves_are_what_the_generator_writes():
+    assert make_configs.stale_files(CONFIGS) == []
+
+
+@pytest.mark.parametrize('path', ALL, ids=rel)
+def test_config_loads_and_names_its_settings(path):
+    cfg = Config.fromfile(str(path))
+    match = NAME.match(path.name)
+    assert match, f'{path.name} does not follow the mmseg naming scheme'
+    assert set(cfg.custom_imports.imports) == {'mmdet.models', 'mmseg_sparsevit'}
+    assert cfg.custom_imports.allow_failed_imports is False
+    head = cfg.model.decode_head
+    assert head.pixel_decoder.type.startswith('mmdet.')
+    assert all(c.type.startswith('mmdet.') for c in head.train_cfg.assigner.match_costs)
+    assert cfg.model.backbone.type == 'SparseViTAdapter'
+    assert head.in_channels == [cfg.model.backbone.vit_cfg.get('embed_dim', 1536)] * 4
+
+    res = int(match['res'])
+    loaders = [cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader]
+    for loader in loaders:
+        resize = [s for s in loader.dataset.pipeline if s['type'] == 'Resize']
+        assert [r['scale'] for r in resize] == [(res, res)]
+    assert [loader.dataset.split for loader in loaders] == ['train', 'val', 'test']
+    assert res % cfg.data_preprocessor.size_divisor == 0  # the ViT never sees padding
+
+    if path.parent.parent.name == 'segpath':
+        antigen = path.parent.name
+        assert match['data'] == antigen
+        assert {loader.dataset.antigen for loader in loaders} == {antigen}
+        backbone = BACKBONE.match(match['backbone'])
+        assert backbone, match['backbone']
+        vit = cfg.model.backbone.vit_cfg
+        assert vit.arch == 'uni2-h' and vit.img_size == 224
+        if backbone['window'] is None:
+            assert vit.attn_mode == 'dense'
+        else:
+            assert (vit.attn_mode, vit.window_size) == ('sparse', int(backbone['window']))
+        assert cfg.segpath_tag == f"{match['backbone']}-{res}"
+
+
+@pytest.fixture(scope='module')
+def mmseg_scope():
+    import mmdet.models  # noqa: F401  (what custom_imports does)
+    init_default_scope('mmseg')
+
+
+def test_uni2_experiment_model_builds_at_full_size(mmseg_scope):
+    """The real experiment: UNI-2-h (681M) + adapter + Mask2Former, built without memory."""
+    cfg = Config.fromfile(str(LEAVES[0]))
+    with torch.device('meta'):
+        model = MODELS.build(cfg.model)
+    vit = sum(p.numel() for p in model.backbone.vit.parameters())
+    assert 680e6 < vit < 682e6
+    assert model.backbone.vit.num_prefix_tokens == 9 and model.backbone.vit.patch_size == 14
+    assert model.decode_head.num_classes == 2
+
+
+@pytest.mark.parametrize('path', DEMOS, ids=rel)
+def test_demo_model_builds_and_predicts(path, mmseg_scope):
+    cfg = Config.fromfile(str(path))
+    model = MODELS.build(cfg.model).eval()
+    assert model.backbone.vit.attn_mode == cfg.model.backbone.vit_cfg.attn_mode
+    shape = (112, 112)
+    sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape))
+    image = torch.randint(0, 255, (3, *shape), dtype=torch.uint8)
+    with torch.no_grad():
+        data = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]))
+        result, = model(**data, mode='predict')
+    assert result.seg_logits.data.shape == (2, *shape)
+    assert set(result.pred_sem_seg.data.unique().tolist()) <= {0, 1}
