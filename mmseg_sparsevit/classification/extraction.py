@@ -142,19 +142,20 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
     """Embed ``samples`` into the feature file ``out`` (``.npz``), resuming an unfinished run.
 
     Stops early after ``max_batches`` batches of this call (the run stays resumable). Returns
-    ``dict(path, finished, num_done, num_samples, seconds)`` where ``seconds`` is the wall time of
-    this call's batches (loading included).
+    ``dict(path, finished, num_done, num_resumed, num_samples, seconds)``: ``num_resumed`` samples were
+    already stored by an earlier call, ``seconds`` is the wall time of this call's batches (loading included).
     """
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     dev = torch.device(device)
     amp_dtype = resolve_amp(amp, dev)
     store = FeatureStore(out, extraction_meta(cfg, samples, dev, amp_dtype), len(samples), overwrite)
-    result = dict(path=out, finished=True, num_done=len(samples), num_samples=len(samples), seconds=0.0)
+    result = dict(path=out, finished=True, num_done=len(samples), num_resumed=len(samples),
+                  num_samples=len(samples), seconds=0.0)
     if store.is_finished():
         print_log(f'{out} is complete for these settings; nothing to do', logger='current')
         return result
-    done = store.open()
+    done = result['num_resumed'] = store.open()
     model = build_backbone(cfg).to(dev)
     dataset = ClassificationImages(samples, cfg.size, cfg.resize)
     loader = DataLoader(Subset(dataset, range(done, len(samples))), batch_size=batch_size, shuffle=False,

@@ -84,7 +84,7 @@ def make_splits(split: np.ndarray, y: np.ndarray, val_fraction: float = 0.2, tes
     ``source`` records for each of val / test whether it came from the file or was held out.
     """
     split = np.asarray([s if s else 'train' for s in np.asarray(split).tolist()])
-    unknown = sorted(set(split) - set(SPLITS))
+    unknown = sorted(set(split.tolist()) - set(SPLITS))
     if unknown:
         raise ValueError(f'unknown split names {unknown}; expected {SPLITS}')
     index = {name: np.flatnonzero(split == name) for name in SPLITS}
