@@ -1,0 +1,155 @@
+"""tools/train.py -> --resume -> tools/test.py on generated demo data (CPU, a few iterations),
+plus the config plumbing of mmseg_sparsevit.apis and tools/run_segpath.py without training.
+
+The cycle runs the tools as separate processes, the way users run them, so that the
+checkpoint written by one process is loaded by a fresh one (torch >= 2.6 ``weights_only``).
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+
+from mmseg_sparsevit.apis import configure_testing, configure_training, load_config
+from mmseg_sparsevit.apis.segpath_runs import family_configs, find_checkpoint, run_family
+from mmseg_sparsevit.datasets.synthetic import make_demo_data
+from mmseg_sparsevit.evaluation import load_results
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / 'configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py')
+PANCK_448 = 'configs/segpath/panCK/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-panCK-448x448.py'
+
+
+def run_tool(tool: str, *args: str) -> str:
+    """Run ``tools/<tool>`` in a fresh interpreter; return its combined output, fail loudly."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='2')
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, f'{tool} {args} failed:\n{proc.stdout[-4000:]}'
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('segpath_demo')
+    make_demo_data(str(root), antigens=['panCK'], tiles_per_antigen=12, tile_size=128)
+    return root
+
+
+def demo_options(data_root, max_iters: int):
+    return ['--cfg-options', f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={max_iters}',
+            'default_hooks.checkpoint.interval=2', 'default_hooks.checkpoint.max_keep_ckpts=3',
+            'default_hooks.logger.interval=1', 'train_dataloader.batch_size=2',
+            *(f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test'))]
+
+
+def test_train_resume_test_cycle(demo_root, tmp_path):
+    work_dir = tmp_path / 'train'
+    run_tool('train.py', DEMO, '--work-dir', str(work_dir), *demo_options(demo_root, 4))
+    assert {'iter_2.pth', 'iter_4.pth', 'last_checkpoint'} <= set(os.listdir(work_dir))
+    assert list(work_dir.glob('best_IoU_iter_4.pth'))
+
+    log = run_tool('train.py', DEMO, '--work-dir', str(work_dir), '--resume', *demo_options(demo_root, 6))
+    assert re.search(r'resumed epoch: 0, iter: 4', log)
+    iters = [int(i) for i in re.findall(r'Iter\(train\) \[\s*(\d+)/6\]', log)]
+    assert iters == [5, 6]  # continued, did not restart
+    ckpt = torch.load(work_dir / 'iter_6.pth', map_location='cpu', weights_only=False)
+    assert ckpt['meta']['iter'] == 6
+
+    test_dir = tmp_path / 'test'
+    run_tool('test.py', DEMO, str(work_dir / 'iter_6.pth'), '--work-dir', str(test_dir),
+             '--show-dir', str(test_dir / 'vis'), *demo_options(demo_root, 6))
+    result = load_results(test_dir / 'segpath_metrics.json')
+    assert (result.antigen, result.cell_type) == ('panCK', 'Epithelium')
+    assert result.checkpoint.endswith('iter_6.pth')
+    for name in ('MPA', 'IoU', 'Dice'):
+        assert 0.0 <= result.metrics[name] <= 100.0
+    overlays = list((test_dir / 'vis').rglob('*.png'))
+    assert len(overlays) == 2  # one per test tile of the demo split
+
+
+def test_load_config_work_dir_precedence(tmp_path):
+    assert load_config(DEMO).work_dir == './work_dirs/' + Path(DEMO).stem
+    assert load_config(DEMO, work_dir=str(tmp_path)).work_dir == str(tmp_path)
+    cfg = load_config(DEMO, cfg_options={'model.backbone.vit_cfg.window_size': 2})
+    assert cfg.model.backbone.vit_cfg.window_size == 2
+    with pytest.raises(FileNotFoundError, match='nope.py'):
+        load_config('nope.py')
+
+
+@pytest.mark.parametrize('resume,expected', [(None, (False, None)), ('auto', (True, None))])
+def test_configure_training_resume_modes(resume, expected):
+    cfg = configure_training(Config.fromfile(DEMO), resume=resume)
+    assert (cfg.resume, cfg.load_from) == expected
+
+
+def test_configure_training_resume_from_path_and_amp(tmp_path):
+    ckpt = tmp_path / 'iter_8.pth'
+    ckpt.write_bytes(b'')
+    cfg = configure_training(Config.fromfile(DEMO), resume=str(ckpt), amp=True)
+    assert (cfg.resume, cfg.load_from) == (True, str(ckpt))
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'dynamic')
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        configure_training(Config.fromfile(DEMO), resume=str(tmp_path / 'missing.pth'))
+
+
+def test_configure_testing_show_dir_and_out(tmp_path):
+    ckpt = tmp_path / 'model.pth'
+    ckpt.write_bytes(b'')
+    cfg = configure_testing(Config.fromfile(DEMO), str(ckpt), show_dir='vis', out='pred', amp=True)
+    assert cfg.load_from == str(ckpt)
+    assert cfg.default_hooks.visualization.draw is True and cfg.visualizer.save_dir == 'vis'
+    assert cfg.test_evaluator.output_dir == 'pred' and cfg.test_cfg.fp16 is True
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        configure_testing(Config.fromfile(DEMO), str(tmp_path / 'missing.pth'))
+
+
+def test_family_configs_from_one_antigen_or_a_pattern():
+    from_one = family_configs(str(ROOT / PANCK_448))
+    assert len(from_one) == 8 and from_one['ERG'].endswith('/ERG/mask2former_uni2-h-sparse-w8-adapter_'
+                                                           '1xb4-20k_segpath-ERG-448x448.py')
+    pattern = str(ROOT / PANCK_448).replace('panCK', '{antigen}')
+    assert family_configs(pattern, ['aSMA']) == {'aSMA': from_one['aSMA']}
+    with pytest.raises(ValueError, match='antigen'):
+        family_configs(DEMO)
+    with pytest.raises(KeyError, match='CD99'):
+        family_configs(pattern, ['CD99'])
+
+
+def test_run_segpath_dry_run_trains_and_tests_each_antigen(tmp_path):
+    logged = []
+
+    def keep(record):
+        logged.append(record.getMessage())
+        return True
+
+    logger = MMLogger.get_current_instance()
+    logger.addFilter(keep)
+    try:
+        assert run_family(str(ROOT / PANCK_448), str(tmp_path), ['panCK', 'MNDA'], dry_run=True,
+                          extra_args=['--amp']) == []
+    finally:
+        logger.removeFilter(keep)
+    commands = [m for m in logged if 'tools/' in m]
+    assert [re.search(r'tools/(\w+)\.py', c)[1] for c in commands] == ['train', 'test'] * 2
+    assert all(c.endswith('--amp') for c in commands)
+    assert f'{tmp_path}/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-MNDA-448x448' in commands[2]
+
+
+def test_find_checkpoint_prefers_best_then_last(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        find_checkpoint(str(tmp_path))
+    last = tmp_path / 'iter_20.pth'
+    last.write_bytes(b'')
+    (tmp_path / 'last_checkpoint').write_text(str(last))
+    assert find_checkpoint(str(tmp_path)) == str(last)
+    best = tmp_path / 'best_IoU_iter_10.pth'
+    best.write_bytes(b'')
+    assert find_checkpoint(str(tmp_path)) == str(best)
+    assert find_checkpoint(str(tmp_path), 'last') == str(last)
+
