@@ -4,9 +4,12 @@ The reference (dense boolean mask + softmax) is the source of truth; its geometr
 against brute-force loops written here independently.  Flex runs eagerly (unfused, small shapes) in
 the sweep; one clearly marked test compiles it (~20 s cold on 2 CPU cores).
 """
+import ast
+import importlib.util
 import logging
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +318,36 @@ CHECKED_CALLS = [pytest.param(fn, *case[1:], id=f'{fn.__name__}-{case[0]}') for 
 def test_bad_arguments_name_the_argument(fn, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message.replace('(', r'\(').replace(')', r'\)')):
         fn(**kwargs)
+
+
+# ---------------------------------------------------------------- packaging and tooling ------------
+def test_ops_sources_import_torch_only():
+    """The op must stay usable without mmseg/mmcv/mmengine: check every import statement under ops/."""
+    ops_dir = Path(sparse_attention.__code__.co_filename).parent
+    for path in ops_dir.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                assert name.split('.')[0] not in ('mmseg', 'mmcv', 'mmdet', 'mmengine'), (path, name)
+
+
+def _benchmark_tool():
+    path = Path(__file__).parents[1] / 'tools' / 'benchmark_attention.py'
+    spec = importlib.util.spec_from_file_location('benchmark_attention', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tool_measures_and_tabulates():
+    tool = _benchmark_tool()
+    spec = dict(grid=[4, 5], num_global=1, heads=2, head_dim=8, batch=1, window_size=2,
+                neighbourhood='block', device='cpu', warmup=1, repeats=2)
+    result = tool.measure('gather', spec)
+    assert result['tokens'] == 21 and len(result['times_s']) == 2 and result['median_s'] > 0
+    table = tool.markdown_table([dict(result, method='dense_sdpa', median_s=2.0),
+                                 dict(result, median_s=0.5)])
+    assert '| 4x5 | 21 | gather | 0.500 | 4.0x |' in table
+    torch.testing.assert_close(tool.dense_eager(*_inputs(0, 1, 1, (2, 2))[:3]),
+                               F.scaled_dot_product_attention(*_inputs(0, 1, 1, (2, 2))[:3]))

@@ -48,10 +48,9 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
 class _Structure:
     """Everything about the block mask that depends only on (grid, G, window, pattern, device)."""
     needed: Tensor  # (q blocks, kv blocks) kernel block pairs holding any visible key
-    q_rc: tuple[Tensor, Tensor]  # (P,) query slot coordinates, clamped into the grid
-    kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates (0 for globals)
-    bounds: tuple[Tensor, Tensor, Tensor, Tensor]  # lo_r, hi_r (H,), lo_c, hi_c (W,)
-    kv_global: Tensor  # (P + G,)
+    q_bounds: tuple[Tensor, Tensor, Tensor, Tensor]  # (P,) each: lo_r, hi_r, lo_c, hi_c per query slot
+    kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates; row -1 for empty slots and globals
+    num_slots: int  # P; keys from here on are global
 
 
 def _tile_adjacency(length: int, tile: int, num_tiles: int, window_size: int,
@@ -86,29 +85,26 @@ def _structure(layout: TileLayout, num_global: int, window_size: int,
         needed[:, num_slots // FLEX_BLOCK_SIZE:] = True  # kernel blocks holding global keys
 
     slot_r, slot_c = layout.slot_rc
-    pad = slot_r.new_zeros(num_global)
-    lo_r, hi_r = window_bounds(torch.arange(height, device=device), height, window_size, neighbourhood)
-    lo_c, hi_c = window_bounds(torch.arange(width, device=device), width, window_size, neighbourhood)
-    return _Structure(
-        needed=needed, q_rc=(slot_r.clamp(max=height - 1), slot_c.clamp(max=width - 1)),
-        kv_rc=(torch.cat([slot_r, pad]), torch.cat([slot_c, pad])), bounds=(lo_r, hi_r, lo_c, hi_c),
-        kv_global=torch.arange(num_slots + num_global, device=device) >= num_slots)
+    pad = slot_r.new_full((num_global, ), -1)
+    lo_r, hi_r = window_bounds(slot_r.clamp(max=height - 1), height, window_size, neighbourhood)
+    lo_c, hi_c = window_bounds(slot_c.clamp(max=width - 1), width, window_size, neighbourhood)
+    return _Structure(needed=needed, q_bounds=(lo_r, hi_r, lo_c, hi_c),
+                      kv_rc=(torch.cat([slot_r, pad]), torch.cat([slot_c, pad])), num_slots=num_slots)
 
 
 def _mask_mod(structure: _Structure, kv_present: Tensor) -> Callable:
     """``mask_mod`` admitting present keys inside the query's window, and global keys.
-    ``kv_present`` is (B', P + G); B' = 1 broadcasts over the batch."""
-    q_r, q_c = structure.q_rc
-    kv_r, kv_c = structure.kv_rc
-    lo_r, hi_r, lo_c, hi_c = structure.bounds
-    kv_global = structure.kv_global
+    ``kv_present`` is (B', P + G); B' = 1 broadcasts over the batch.  Absent keys get row -1, which no
+    window contains, so the kernel does six table look-ups per score and no dependent ones."""
+    lo_r, hi_r, lo_c, hi_c = structure.q_bounds
+    kv_c, num_slots = structure.kv_rc[1], structure.num_slots
+    kv_r = torch.where(kv_present, structure.kv_rc[0], -1)
     per_sample = kv_present.shape[0] > 1
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        qr, qc, kr, kc = q_r[q_idx], q_c[q_idx], kv_r[kv_idx], kv_c[kv_idx]
-        inside = (lo_r[qr] <= kr) & (kr < hi_r[qr]) & (lo_c[qc] <= kc) & (kc < hi_c[qc])
-        present = kv_present[b if per_sample else 0, kv_idx]
-        return (inside & present) | kv_global[kv_idx]
+        kr, kc = kv_r[b if per_sample else 0, kv_idx], kv_c[kv_idx]
+        inside = (lo_r[q_idx] <= kr) & (kr < hi_r[q_idx]) & (lo_c[q_idx] <= kc) & (kc < hi_c[q_idx])
+        return inside | (kv_idx >= num_slots)
 
     return mask_mod
 
@@ -145,7 +141,7 @@ def _block_mask(layout: TileLayout, num_global: int, window_size: int, neighbour
         return _block_mask_cache[key]
     structure = _structure(layout, num_global, window_size, neighbourhood)
     mask_mod = _mask_mod(structure, kv_present)
-    seq_lengths = (structure.q_rc[0].shape[0], kv_present.shape[1])
+    seq_lengths = (structure.num_slots, kv_present.shape[1])
     full = torch.zeros_like(structure.needed) if pruned else _full_blocks(mask_mod, structure.needed,
                                                                          *seq_lengths)
     block_mask = BlockMask.from_kv_blocks(*_kv_blocks(structure.needed & ~full), *_kv_blocks(full),
