@@ -103,6 +103,22 @@ def test_global_tokens_pass_the_adapter_untouched():
         torch.testing.assert_close(entering[index][:, :g], leaving[index - 1][:, :g], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('window,same_as_dense', [(16, True), (2, False)])
+def test_sparse_vit_inside_the_adapter(window, same_as_dense):
+    """A window covering the whole 8 x 10 grid is dense attention; a small one is not."""
+    torch.manual_seed(0)
+    layer_scale = dict(init_values=1.0)  # UNI-2's 1e-5 would hide any attention difference
+    dense = tiny_adapter('uni2-h', init_values=0.5, vit_cfg=layer_scale).eval()
+    wake_deform_attention(dense)
+    sparse = tiny_adapter('uni2-h', init_values=0.5,
+                          vit_cfg=dict(layer_scale, attn_mode='sparse', window_size=window)).eval()
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(1, 3, 112, 140)
+    with torch.no_grad():
+        pairs = list(zip(dense(x), sparse(x)))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in pairs) == same_as_dense
+
+
 def test_gradients_reach_every_parameter_of_vit_and_adapter():
     torch.manual_seed(0)
     model = tiny_adapter('uni2-h', init_values=0.1).train()

@@ -7,7 +7,7 @@ tokens sample the ViT tokens; both use mmcv's multi-scale deformable attention, 
 token sets may live on unrelated grids (locations are normalised to [0, 1]).
 """
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -193,13 +193,13 @@ class InteractionBlock(nn.Module):
                       cffn_ratio=cffn_ratio, drop=drop, drop_path=drop_path)
             for _ in range(1 + num_extra_extractors))
 
-    def forward(self, tokens: torch.Tensor, c: torch.Tensor, blocks: Sequence[nn.Module],
+    def forward(self, tokens: torch.Tensor, c: torch.Tensor,
+                vit_blocks: Callable[[torch.Tensor], torch.Tensor],
                 geo: InteractionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``vit_blocks`` runs this group's ViT blocks on the full token sequence."""
         prefix, x = tokens.split([geo.num_prefix_tokens, tokens.shape[1] - geo.num_prefix_tokens],
                                  dim=1)
-        tokens = torch.cat((prefix, self.injector(x, c, geo.injector)), dim=1)
-        for block in blocks:
-            tokens = block(tokens, geo.grid_hw)
+        tokens = vit_blocks(torch.cat((prefix, self.injector(x, c, geo.injector)), dim=1))
         x = tokens[:, geo.num_prefix_tokens:]
         for extractor in self.extractors:
             c = extractor(c, x, geo.extractor, geo.c_shapes)

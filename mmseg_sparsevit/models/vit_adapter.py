@@ -13,6 +13,7 @@ Differences from the original implementation, on purpose:
 * the global tokens (CLS + registers) stay in the sequence through every ViT block; the
   injector and extractor only touch patch tokens.
 """
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -171,11 +172,13 @@ class SparseViTAdapter(BaseModule):
                 f'(e.g. SegDataPreProcessor(size_divisor={patch_h}, test_cfg=dict(size_divisor='
                 f'{patch_h})))')
 
-    def _interact(self, layer: InteractionBlock, blocks: Sequence[nn.Module], tokens: torch.Tensor,
+    def _interact(self, layer: InteractionBlock, first: int, last: int, tokens: torch.Tensor,
                   c: torch.Tensor, geo: InteractionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        # forward_blocks keeps the ViT's own per-block checkpointing (vit_cfg with_cp) working.
+        vit_blocks = partial(self.vit.forward_blocks, grid_hw=geo.grid_hw, start=first, end=last + 1)
         if self.with_cp and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, tokens, c, blocks, geo, use_reentrant=False)
-        return layer(tokens, c, blocks, geo)
+            return checkpoint(layer, tokens, c, vit_blocks, geo, use_reentrant=False)
+        return layer(tokens, c, vit_blocks, geo)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
@@ -193,7 +196,7 @@ class SparseViTAdapter(BaseModule):
 
         vit_maps = []
         for layer, (first, last) in zip(self.interactions, self.interaction_indexes):
-            tokens, c = self._interact(layer, self.vit.blocks[first:last + 1], tokens, c, geo)
+            tokens, c = self._interact(layer, first, last, tokens, c, geo)
             patches = tokens[:, geo.num_prefix_tokens:]
             vit_maps.append(patches.transpose(1, 2).unflatten(2, grid_hw))
 
