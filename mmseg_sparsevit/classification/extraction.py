@@ -156,13 +156,28 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
         print_log(f'{out} is complete for these settings; nothing to do', logger='current')
         return result
     done = result['num_resumed'] = store.open()
+    tic = time.perf_counter()
+    if done < len(samples):
+        done = _extract_remaining(cfg, samples, store, done, dev, amp_dtype, batch_size, num_workers, max_batches)
+    result.update(seconds=time.perf_counter() - tic, num_done=done, finished=done == len(samples))
+    if result['finished']:
+        store.finalize(class_names)
+    else:
+        print_log(f'stopped after {done}/{len(samples)} samples; run again to resume', logger='current')
+    return result
+
+
+def _extract_remaining(cfg: ExtractionConfig, samples: Sequence[Sample], store: FeatureStore, done: int,
+                       dev: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int, num_workers: int,
+                       max_batches: Optional[int]) -> int:
+    """Embed samples ``done ..`` batch by batch, one shard each; return how many are stored now."""
     model = build_backbone(cfg).to(dev)
     dataset = ClassificationImages(samples, cfg.size, cfg.resize)
     loader = DataLoader(Subset(dataset, range(done, len(samples))), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=dev.type == 'cuda')
-    print_log(f'extracting {cfg.tag} ({len(samples) - done} images, amp={amp_dtype}) to {out}', logger='current')
+    print_log(f'extracting {cfg.tag} ({len(samples) - done} images, amp={amp_dtype}) to {store.path}',
+              logger='current')
     bar = ProgressBar(len(samples) - done)
-    tic = time.perf_counter()
     for num_batches, (images, index) in enumerate(loader, start=1):
         start = int(index[0])
         if start != done or int(index[-1]) != done + len(index) - 1:
@@ -171,11 +186,6 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
         store.write_shard(start, _batch_arrays(emb, samples[start:start + len(index)]))
         done += len(index)
         bar.update(len(index))
-        if max_batches is not None and num_batches >= max_batches and done < len(samples):
+        if max_batches is not None and num_batches >= max_batches:
             break
-    result.update(seconds=time.perf_counter() - tic, num_done=done, finished=done == len(samples))
-    if result['finished']:
-        store.finalize(class_names)
-    else:
-        print_log(f'stopped after {done}/{len(samples)} samples; run again to resume', logger='current')
-    return result
+    return done

@@ -57,6 +57,8 @@ def _run_record(cfg: ExtractionConfig, samples: Sequence[Sample], class_names: L
         torch.cuda.empty_cache()
         print_log(f'{cfg.tag}: out of memory during extraction', logger='current', level=30)
         return dict(record, status='oom', measurement=measure(cfg))
+    if torch.cuda.is_available():  # hand cached blocks back before the measurement process needs them
+        torch.cuda.empty_cache()
     data = load_features(features)
     return dict(record, status='ok', num_kept=int(data['num_kept'][0]), evaluation=evaluate_features(data, **eval_kwargs),
                 measurement=measure(cfg))
