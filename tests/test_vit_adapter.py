@@ -153,9 +153,10 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_freeze_vit_trains_only_adapter():
-    model = tiny_adapter('uni2-h', freeze_vit=True, vit_cfg=dict(drop_path_rate=0.1)).train()
-    assert not model.vit.training and model.spm.training
+@pytest.mark.parametrize('how', [dict(freeze_vit=True), dict(vit_cfg=dict(frozen=True))])
+def test_freeze_vit_trains_only_adapter(how):
+    model = tiny_adapter('uni2-h', **how).train()
+    assert not model.vit.blocks.training and model.spm.training
     assert all(not p.requires_grad for p in model.vit.parameters())
     outs = model(torch.randn(1, 3, 112, 112))
     sum(o.sum() for o in outs).backward()
@@ -167,7 +168,6 @@ def test_freeze_vit_trains_only_adapter():
 @pytest.mark.parametrize('vit_cfg,match', [
     (dict(token_pruning=True), 'token pruning'),
     (dict(token_pruning=True, prune_ratio=0.6), 'token pruning'),
-    (dict(frozen=True), 'freeze_vit'),
 ])
 def test_incompatible_vit_options_are_rejected(vit_cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -270,3 +270,20 @@ def test_uni2_adapter_at_real_width():
     assert model.vit.embed_dim == 1536 and model.vit.patch_size == 14
     assert adapter_parameters(model) == vit_adapter_b_parameters(dim=1536, heads=24)
     assert model.out_norms[0].num_features == 1536
+
+
+def test_vit_weights_load_through_the_adapter(tmp_path):
+    """A timm checkpoint of the UNI-2 layout (incl. the final norm the adapter drops) loads via
+    ``vit_cfg.pretrained`` when the runner calls ``init_weights``; the adapter keeps its init."""
+    import timm
+    from mmseg_sparsevit.models import get_arch, timm_kwargs
+    arch = dict(depth=4, embed_dim=96, num_heads=3)
+    reference = timm.models.VisionTransformer(**timm_kwargs(get_arch('uni2-h', **arch)))
+    path = tmp_path / 'uni2-tiny.pth'
+    torch.save(reference.state_dict(), path)
+    model = tiny_adapter('uni2-h', vit_cfg=dict(pretrained=str(path)))
+    gamma = model.interactions[0].injector.gamma.clone()
+    model.init_weights()
+    for name, value in model.vit.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(model.interactions[0].injector.gamma, gamma)

@@ -65,10 +65,6 @@ def _reject_vit_options(vit_cfg: Dict) -> None:
             'SparseViTAdapter: token pruning (vit_cfg token_pruning='
             f"{vit_cfg.get('token_pruning')!r}, prune_ratio={vit_cfg.get('prune_ratio')!r}) drops "
             'patch tokens, but dense prediction needs the full patch grid; disable it')
-    if vit_cfg.get('frozen'):
-        raise ValueError('SparseViTAdapter: set freeze_vit=True on the adapter instead of '
-                         "vit_cfg['frozen'], so that gradients still flow through the ViT to the "
-                         'injectors')
 
 
 @MODELS.register_module()
@@ -91,7 +87,8 @@ class SparseViTAdapter(BaseModule):
         add_vit_feature: add each group's ViT map, resized to the four strides.
         norm_cfg: norm of the spatial prior convs and of the four outputs (SyncBN in configs).
         with_cp: gradient checkpointing of every interaction (injector, ViT blocks, extractor).
-        freeze_vit: no gradient updates (and eval mode) for the ViT; adapter and head train.
+        freeze_vit: keep the ViT's weights fixed (SparseViT ``frozen``: no gradients, blocks in
+            eval mode); the adapter and the head train. ``vit_cfg['frozen']`` means the same.
     """
 
     def __init__(self,
@@ -112,12 +109,12 @@ class SparseViTAdapter(BaseModule):
                  freeze_vit: bool = False,
                  init_cfg: Optional[Dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        vit_cfg = dict(vit_cfg)
         _reject_vit_options(vit_cfg)
-        self.vit = SparseViT(**vit_cfg)
-        # The adapter reads patch tokens between blocks and never the final norm; drop it so
-        # that every parameter gets a gradient (DDP without find_unused_parameters).
-        self.vit.norm = nn.Identity()
+        self.freeze_vit = freeze_vit or bool(vit_cfg.get('frozen', False))
+        # The adapter reads tokens between blocks, never after the final norm: without it every
+        # parameter gets a gradient (DDP needs no find_unused_parameters). A frozen SparseViT
+        # still passes gradients through to the injectors; only its own weights stay fixed.
+        self.vit = SparseViT(**{**vit_cfg, 'frozen': self.freeze_vit, 'final_norm': False})
 
         dim = self.vit.embed_dim
         depth = len(self.vit.blocks)
@@ -130,7 +127,6 @@ class SparseViTAdapter(BaseModule):
         self.interaction_indexes = [list(group) for group in interaction_indexes]
         self.add_vit_feature = add_vit_feature
         self.with_cp = with_cp
-        self.freeze_vit = freeze_vit
         norm_cfg = norm_cfg or dict(type='BN', requires_grad=True)
         deform_num_heads = deform_num_heads or self.vit.num_heads
 
@@ -150,15 +146,6 @@ class SparseViTAdapter(BaseModule):
         for module in (self.spm, self.interactions, self.up):
             init_adapter_weights(module)
         nn.init.normal_(self.level_embed)
-        if freeze_vit:
-            self.vit.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> 'SparseViTAdapter':
-        """Keep a frozen ViT in eval mode (no drop path / dropout) while the adapter trains."""
-        super().train(mode)
-        if self.freeze_vit:
-            self.vit.eval()
-        return self
 
     def _check_input(self, x: torch.Tensor) -> None:
         patch = self.vit.patch_size
