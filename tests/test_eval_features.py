@@ -38,8 +38,9 @@ def test_metrics_equal_sklearn(num_classes):
     got = classification_metrics(y, pred, proba)
     auroc = (roc_auc_score(y, proba[:, 1]) if num_classes == 2
              else roc_auc_score(y, proba, multi_class='ovr', average='macro'))
-    assert got == pytest.approx(dict(accuracy=accuracy_score(y, pred), balanced_accuracy=balanced_accuracy_score(y, pred),
-                                     weighted_f1=f1_score(y, pred, average='weighted'), auroc=auroc))
+    expected = dict(accuracy=accuracy_score(y, pred), balanced_accuracy=balanced_accuracy_score(y, pred),
+                    weighted_f1=f1_score(y, pred, average='weighted'), auroc=auroc)
+    assert got == pytest.approx(expected)
 
 
 def test_auroc_is_nan_when_a_class_is_absent_from_test():

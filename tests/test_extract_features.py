@@ -4,7 +4,9 @@ import math
 import os
 import os.path as osp
 import re
+import runpy
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +19,7 @@ from mmseg_sparsevit.classification import (ClassificationImages, ExtractionConf
 from mmseg_sparsevit.classification.dataset import PAD_VALUE, to_tensor
 from mmseg_sparsevit.models.pruning import select_kept_tokens
 
+EXTRACT_TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'extract_features.py'
 TINY = dict(arch='vit-s', arch_overrides=dict(embed_dim=32, depth=3, num_heads=2, patch_size=8), prune_after=2,
             window_size=2)
 SIZE = 32  # 4 x 4 patch grid
@@ -213,3 +216,18 @@ def test_rerun_of_a_finished_file_changes_nothing(demo, reference_file):
                               batch_size=4, num_workers=0)
     assert result['finished'] and result['num_resumed'] == len(demo['samples'])
     assert os.stat(reference_file).st_mtime_ns == mtime
+
+
+def test_cli_extracts_resumes_and_names_missing_weights(tmp_path, demo, reference_file):
+    main = runpy.run_path(str(EXTRACT_TOOL))['main']
+    out = str(tmp_path / 'cli.npz')
+    argv = ['--data-root', demo['data_root'], '--ann-file', demo['ann_file'], '--random-init', '--arch', 'vit-s',
+            '--embed-dim', '32', '--depth', '3', '--num-heads', '2', '--patch-size', '8', '--prune-after', '2',
+            '--window-size', '2', '--size', str(SIZE), '--mode', 'sparse+prune', '--batch-size', '4',
+            '--num-workers', '0', '--device', 'cpu', '--out', out]
+    assert main(argv + ['--max-batches', '1'])['num_done'] == 4
+    assert main(argv)['num_resumed'] == 4
+    assert_same_file(out, reference_file)
+    weights_argv = [a for a in argv if a != '--random-init'] + ['--weights', str(tmp_path / 'nope.bin')]
+    with pytest.raises(FileNotFoundError, match='nope.bin'):
+        main(weights_argv)

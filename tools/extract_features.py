@@ -12,17 +12,14 @@ Example (UNI-2 on PANDA ROIs at 896 px, sparse attention + token pruning)::
 import argparse
 from typing import List, Optional
 
-from mmseg_sparsevit.classification.cli import (add_data_args, add_model_args, add_runtime_args, base_config,
-                                                extract_kwargs)
+from mmseg_sparsevit.classification.cli import add_extraction_args, base_config, extract_kwargs
 from mmseg_sparsevit.classification.dataset import load_samples
 from mmseg_sparsevit.classification.extraction import MODES, extract_features
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
+    add_extraction_args(parser)
     parser.add_argument('--size', type=int, required=True, help='input side in px (multiple of the patch size)')
     parser.add_argument('--mode', default='sparse+prune', choices=MODES)
     parser.add_argument('--out', required=True, help='output feature file (.npz)')

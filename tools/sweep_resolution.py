@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from mmengine.logging import print_log
 
-from mmseg_sparsevit.classification.cli import (ARCH_OVERRIDES, add_data_args, add_eval_args, add_model_args,
-                                                add_runtime_args, base_config, eval_kwargs, extract_kwargs)
+from mmseg_sparsevit.classification.cli import (ARCH_OVERRIDES, add_eval_args, add_extraction_args, base_config,
+                                                eval_kwargs, extract_kwargs)
 from mmseg_sparsevit.classification.dataset import load_samples
 from mmseg_sparsevit.classification.extraction import MODES, ExtractionConfig, resolve_amp
 from mmseg_sparsevit.classification.sweep import plan_runs, run_sweep, write_outputs
@@ -32,9 +32,7 @@ BENCHMARK_MODES = {'dense': 'sdpa', 'sparse': 'sparse', 'sparse+prune': 'sparse_
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
+    add_extraction_args(parser)
     add_eval_args(parser)
     parser.add_argument('--work-dir', required=True, help='features/, runs/, tables and plots go here')
     parser.add_argument('--sizes', type=int, nargs='+', required=True, help='input sides for table 1 (px)')

@@ -47,6 +47,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--overwrite', action='store_true', help='discard existing or unfinished results')
 
 
+def add_extraction_args(parser: argparse.ArgumentParser) -> None:
+    """Data, model and runtime arguments: everything an extraction run needs besides size and mode."""
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('evaluation')
     group.add_argument('--feature', default='cls', choices=FEATURE_KINDS, help='embedding to probe')

@@ -56,7 +56,7 @@ def _check_split(split: str, where: str) -> str:
     return split
 
 
-def _read_csv(data_root: str, ann_file: str) -> Tuple[List[Tuple[str, str, str]], List[str]]:
+def _read_csv(ann_file: str) -> Tuple[List[Tuple[str, str, str]], List[str]]:
     with open(ann_file, newline='') as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
@@ -102,7 +102,7 @@ def load_samples(data_root: str, ann_file: Optional[str] = None) -> Tuple[List[S
     """
     if not osp.isdir(data_root):
         raise FileNotFoundError(f'data_root is not a directory: {data_root}')
-    rows, class_names = _read_csv(data_root, ann_file) if ann_file else _read_folders(data_root)
+    rows, class_names = _read_csv(ann_file) if ann_file else _read_folders(data_root)
     index = {name: i for i, name in enumerate(class_names)}
     samples, seen = [], set()
     for image, label, split in rows:

@@ -33,7 +33,8 @@ PROBES = ('linear_probe', 'knn')
 
 def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str],
               prune_ratios: Sequence[float] = (), window_sizes: Sequence[int] = (),
-              ablation_size: Optional[int] = None, window_mode: str = 'sparse+prune') -> Dict[str, List[ExtractionConfig]]:
+              ablation_size: Optional[int] = None,
+              window_mode: str = 'sparse+prune') -> Dict[str, List[ExtractionConfig]]:
     """Configs per table; ``base`` gives the model, defaults (prune ratio, window) and resize mode."""
     bad = [m for m in modes if m not in MODES]
     if bad or window_mode not in MODES[1:]:
@@ -60,8 +61,8 @@ def _run_record(cfg: ExtractionConfig, samples: Sequence[Sample], class_names: L
     if torch.cuda.is_available():  # hand cached blocks back before the measurement process needs them
         torch.cuda.empty_cache()
     data = load_features(features)
-    return dict(record, status='ok', num_kept=int(data['num_kept'][0]), evaluation=evaluate_features(data, **eval_kwargs),
-                measurement=measure(cfg))
+    return dict(record, status='ok', num_kept=int(data['num_kept'][0]),
+                evaluation=evaluate_features(data, **eval_kwargs), measurement=measure(cfg))
 
 
 def run_sweep(tables: Dict[str, List[ExtractionConfig]], samples: Sequence[Sample], class_names: List[str],
