@@ -10,33 +10,23 @@ Examples::
     python tools/test.py CONFIG CKPT --out work_dirs/run/pred         # class-index PNGs
 """
 import argparse
-import os
 import sys
 from typing import List, Optional
 
-from mmengine.config import DictAction
-
-from mmseg_sparsevit.apis import build_runner, configure_testing, load_config, write_segpath_results
+from mmseg_sparsevit.apis import (add_runner_arguments, build_runner, configure_testing, load_config,
+                                  parse_runner_arguments, write_segpath_results)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='test config file')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='where logs and segpath_metrics.json go')
     parser.add_argument('--show-dir', help='save prediction overlays (PNG) under this folder')
     parser.add_argument('--out', help='save predicted class maps (PNG) to this folder')
     parser.add_argument('--tag', help="run tag in the result file (default: the config's segpath_tag "
                         'or its file name)')
-    parser.add_argument('--amp', action='store_true', help='run the model in fp16 autocast')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override config keys, e.g. test_dataloader.dataset.split=val')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_arguments(parser, 'test_dataloader.dataset.split=val')
+    return parse_runner_arguments(parser, argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

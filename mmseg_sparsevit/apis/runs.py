@@ -4,11 +4,13 @@ The tools stay argument parsers; what they do to a config lives here so that bot
 and tests can call it. Importing this module imports ``mmseg_sparsevit``, which registers the
 plugin and makes mmengine checkpoints loadable under torch >= 2.6 before any runner exists.
 """
+import argparse
+import os
 import os.path as osp
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
@@ -17,6 +19,25 @@ from mmseg_sparsevit.datasets import get_antigen
 from mmseg_sparsevit.evaluation import RESULTS_FILENAME, save_results
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser, cfg_example: str) -> None:
+    """The options tools/train.py and tools/test.py share: --work-dir, --amp, --cfg-options,
+    --launcher and --local-rank (which ``torch.distributed.launch`` passes)."""
+    parser.add_argument('--work-dir', help='logs, checkpoints and result files go here')
+    parser.add_argument('--amp', action='store_true', help='mixed precision (fp16)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help=f'override config keys, e.g. {cfg_example}')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_runner_arguments(parser: argparse.ArgumentParser,
+                           argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse, and export ``LOCAL_RANK`` for launchers that only pass ``--local-rank``."""
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def load_config(config: str,
