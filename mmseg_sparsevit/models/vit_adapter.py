@@ -149,15 +149,13 @@ class SparseViTAdapter(BaseModule):
 
     def _check_input(self, x: torch.Tensor) -> None:
         patch = self.vit.patch_size
-        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f'SparseViTAdapter expects (B, 3, H, W) images, got shape {tuple(x.shape)}')
-        if x.shape[2] % patch_h or x.shape[3] % patch_w:
+        if x.shape[2] % patch or x.shape[3] % patch:
             raise ValueError(
                 f'SparseViTAdapter: input shape {tuple(x.shape)} has H={x.shape[2]}, W={x.shape[3]} '
                 f'not divisible by the ViT patch size {patch}; pad or resize the batch '
-                f'(e.g. SegDataPreProcessor(size_divisor={patch_h}, test_cfg=dict(size_divisor='
-                f'{patch_h})))')
+                f'(e.g. SegDataPreProcessor(size_divisor={patch}, test_cfg=dict(size_divisor={patch})))')
 
     def _interact(self, layer: InteractionBlock, first: int, last: int, tokens: torch.Tensor,
                   c: torch.Tensor, geo: InteractionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
