@@ -1,7 +1,8 @@
 """Frozen-feature classification with SparseViT: datasets, resumable extraction, linear-probe / KNN
 evaluation and resolution / pruning / window sweeps (the paper's tables 1-3).
 
-Needs torch, timm, mmengine, OpenCV, scikit-learn and matplotlib, not mmseg/mmcv.
+Registers nothing in mmseg's registries; besides the package's own requirements it uses scikit-learn
+(probes) and matplotlib (sweep plots).
 """
 from .dataset import RESIZE_MODES, ClassificationImages, Sample, load_samples, read_rgb, resize_image
 from .demo import DEMO_CLASSES, make_demo_classification

@@ -8,6 +8,7 @@ resumes, so an interrupted sweep continues where it stopped. Time and memory com
 """
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -142,10 +143,11 @@ def _plot_vs_size(rows: Sequence[Dict[str, Any]], key: str, ylabel: str, path: s
     from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for mode in dict.fromkeys(r['mode'] for r in rows):
+    styles = (('o', '-'), ('s', '--'), ('^', ':'))  # distinct, so that coinciding curves stay visible
+    for (marker, line), mode in zip(itertools.cycle(styles), dict.fromkeys(r['mode'] for r in rows)):
         pts = sorted((r['size'], r[key]) for r in rows if r['mode'] == mode and not math.isnan(r[key]))
         if pts:
-            ax.plot(*zip(*pts), marker='o', label=mode)
+            ax.plot(*zip(*pts), marker=marker, linestyle=line, markerfacecolor='none', label=mode)
     ax.set(xlabel='input size (px)', ylabel=ylabel, xscale='log', yscale='log' if log_y else 'linear',
            xticks=sorted({r['size'] for r in rows}))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
