@@ -346,8 +346,8 @@ def test_benchmark_tool_measures_and_tabulates():
                 neighbourhood='block', device='cpu', warmup=1, repeats=2)
     result = tool.measure('gather', spec)
     assert result['tokens'] == 21 and len(result['times_s']) == 2 and result['median_s'] > 0
-    table = tool.markdown_table([dict(result, method='dense_sdpa', median_s=2.0),
-                                 dict(result, median_s=0.5)])
-    assert '| 4x5 | 21 | gather | 0.500 | 4.0x |' in table
+    table = tool.markdown_table([dict(result, method='dense_sdpa', median_s=2.0, median_cpu_s=3.0),
+                                 dict(result, median_s=0.5, median_cpu_s=1.0)])
+    assert '| 4x5 | 21 | gather | 0.500 | 4.0x | 1.000 | 3.0x |' in table
     torch.testing.assert_close(tool.dense_eager(*_inputs(0, 1, 1, (2, 2))[:3]),
                                F.scaled_dot_product_attention(*_inputs(0, 1, 1, (2, 2))[:3]))

@@ -96,16 +96,18 @@ def measure(method: str, spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else _rss_bytes()
-        times = []
+        times, cpu_times = [], []
         with _RssSampler() as sampler:
             for _ in range(spec['repeats']):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 run(q, k, v)
                 sync()
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak
     return dict(method=method, grid=list(spec['grid']), tokens=shape[2], median_s=median, times_s=times,
+                median_cpu_s=statistics.median(cpu_times),
                 compile_s=first_call_s - median if method == 'flex' else None,
                 op_peak_bytes=peak - base, peak_bytes=peak,
                 process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -129,24 +131,25 @@ def measure_in_subprocess(method: str, spec: dict, timeout_s: float, cold_compil
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per (grid, method) with the speed-up over dense SDPA at the same grid."""
-    sdpa = {tuple(r['grid']): r['median_s'] for r in results
-            if r['method'] == 'dense_sdpa' and 'error' not in r}
-    rows = ['| grid | tokens | method | median time (s) | speed-up vs dense SDPA | compile (s) '
-            '| op peak memory (GiB) | process peak RSS (GiB) |',
-            '|---|---|---|---|---|---|---|---|']
+    """One row per (grid, method) with the speed-up over dense SDPA at the same grid, in wall time and in
+    process CPU time (all threads; steadier than wall time on a shared machine)."""
+    sdpa = {tuple(r['grid']): r for r in results if r['method'] == 'dense_sdpa' and 'error' not in r}
+    rows = ['| grid | tokens | method | median time (s) | speed-up vs dense SDPA | median CPU time (s) '
+            '| CPU-time speed-up | compile (s) | op peak memory (GiB) | process peak RSS (GiB) |',
+            '|---|---|---|---|---|---|---|---|---|---|']
     gib = 2.0**30
     for r in results:
         grid = 'x'.join(map(str, r['grid']))
         if 'error' in r:
-            rows.append(f'| {grid} | | {r["method"]} | {r["error"]} | | | | |')
+            rows.append(f'| {grid} | | {r["method"]} | {r["error"]} | | | | | | |')
             continue
         ref = sdpa.get(tuple(r['grid']))
-        speedup = f'{ref / r["median_s"]:.1f}x' if ref else 'n/a'
+        speedup, cpu_speedup = ((f'{ref[key] / r[key]:.1f}x' if ref else 'n/a')
+                                for key in ('median_s', 'median_cpu_s'))
         compile_s = f'{r["compile_s"]:.1f}' if r['compile_s'] is not None else ''
-        rows.append(f'| {grid} | {r["tokens"]} | {r["method"]} | {r["median_s"]:.3f} | {speedup} | '
-                    f'{compile_s} | {r["op_peak_bytes"] / gib:.2f} '
-                    f'| {r["process_peak_rss_bytes"] / gib:.2f} |')
+        rows.append(f'| {grid} | {r["tokens"]} | {r["method"]} | {r["median_s"]:.3f} | {speedup} '
+                    f'| {r["median_cpu_s"]:.3f} | {cpu_speedup} | {compile_s} '
+                    f'| {r["op_peak_bytes"] / gib:.2f} | {r["process_peak_rss_bytes"] / gib:.2f} |')
     return '\n'.join(rows)
 
 
