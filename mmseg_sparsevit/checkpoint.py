@@ -25,9 +25,14 @@ from mmengine.runner.checkpoint import CheckpointLoader
 __all__ = ['register_safe_globals', 'load_checkpoint_file', 'safe_globals_for_mmengine']
 
 
+# HistoryBuffer fills its class-level ``_statistics_methods`` with these only when the first
+# instance is created, so a fresh process that loads a checkpoint has not seen them yet.
+_BUILTIN_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
 def _restricted_getattr(obj: Any, name: str) -> Callable:
     """``getattr`` as seen by the unpickler: only HistoryBuffer statistics methods resolve."""
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    if obj is HistoryBuffer and (name in _BUILTIN_STATISTICS or name in HistoryBuffer._statistics_methods):
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(
         f'refusing getattr({obj!r}, {name!r}) while unpickling: only HistoryBuffer statistics '

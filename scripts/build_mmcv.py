@@ -103,7 +103,7 @@ def main() -> None:
               f'this takes ~15 min on 2 cores, once per machine')
         wheel = build_wheel(args.version, cache_dir, with_cuda, std)
         print(f'cached {wheel}')
-    run([sys.executable, '-m', 'pip', 'install', '--disable-pip-version-check', str(wheel)])
+    run([sys.executable, '-m', 'pip', 'install', '-q', '--disable-pip-version-check', str(wheel)])
 
 
 if __name__ == '__main__':
