@@ -16,6 +16,7 @@ Example (CPU, ViT-B width, patch 14, reduced depth)::
 whose forward stays within GB: doubling, then bisection.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -70,15 +71,15 @@ def _cuda_available() -> bool:
 
 
 def model_config(args: argparse.Namespace, mode: str) -> dict:
-    """SparseViT keyword arguments for one mode."""
-    depth = args.depth
-    cfg = dict(arch=args.arch, patch_size=args.patch_size, depth=depth, embed_dim=args.embed_dim,
-               num_heads=args.num_heads, window_size=args.window_size, sparse_backend=args.backend,
-               **MODES[mode])
+    """SparseViT keyword arguments for one mode (unset overrides left out)."""
+    from mmseg_sparsevit.models import get_arch
+    overrides = dict(patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads)
+    cfg = dict(arch=args.arch, **{k: v for k, v in overrides.items() if v is not None}, **MODES[mode])
+    if cfg['attn_mode'] == 'sparse':
+        cfg.update(window_size=args.window_size, sparse_backend=args.backend)
     if cfg.get('token_pruning'):
-        from mmseg_sparsevit.models import get_arch
-        full_depth = get_arch(args.arch, depth=depth).depth
-        cfg.update(prune_ratio=args.prune_ratio, prune_after=min(args.prune_after, full_depth - 1))
+        depth = get_arch(args.arch, depth=args.depth).depth
+        cfg.update(prune_ratio=args.prune_ratio, prune_after=min(args.prune_after, depth - 1))
     return cfg
 
 
@@ -161,9 +162,13 @@ def measure(args: argparse.Namespace, mode: str, size: int, cap_gb: Optional[flo
         record.update(json.loads(lines[-1]))
     if not lines or (proc.returncode != 0 and record.get('status') != 'over'):
         record.update(status='error', error=proc.stderr.strip().splitlines()[-1:] or [f'rc={proc.returncode}'])
-    print(f"{mode:>14} {size:>5} px: {record['status']:>5} "
-          + (f"{record['time_s']:.3f} s  peak {record['peak_gb']:.2f} GB  forward {record['forward_gb']:.2f} GB"
-             if record['status'] == 'ok' else str(record.get('error', ''))), flush=True)
+    if record['status'] == 'ok':
+        detail = f"{record['time_s']:.3f} s  peak {record['peak_gb']:.2f} GB  forward {record['forward_gb']:.2f} GB"
+    elif record['status'] == 'over':
+        detail = f"stopped above the {cap_gb} GB cap" + (f" at {record['peak_gb']:.2f} GB" if 'peak_gb' in record else '')
+    else:
+        detail = str(record.get('error', ''))
+    print(f"{mode:>14} {size:>5} px: {record['status']:>7} {detail}", flush=True)
     return record
 
 
@@ -175,7 +180,9 @@ def _patch(args: argparse.Namespace) -> int:
 def largest_fitting_side(probe: Callable[[int], dict], patch: int, start: int, max_side: int) -> Optional[int]:
     """Largest multiple of ``patch`` (<= ``max_side``) whose probe is ok, assuming memory grows with side:
     doubling from ``start`` until a probe fails, then bisection between the last success and the failure."""
-    ok = lambda k: probe(k * patch)['status'] == 'ok'  # noqa: E731
+    def ok(k: int) -> bool:
+        return probe(k * patch)['status'] == 'ok'
+
     lo, hi = max(1, start // patch), None
     if not ok(lo):
         return None
@@ -253,7 +260,7 @@ def plot(records: List[dict], modes: List[str], path: Path) -> None:
         for ax, key in zip(axes, ('peak_gb', 'forward_gb', 'time_s')):
             ax.plot(sides, [r[key] for _, r in pts], marker='o', label=mode)
     for ax, title in zip(axes, ('peak memory (GB)', 'forward memory (GB)', 'time per forward (s)')):
-        ax.set(xlabel='input side (px)', title=title, yscale='log')
+        ax.set(xlabel='input side (px)', title=title, xscale='log', yscale='log')
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -278,8 +285,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from mmseg_sparsevit.models import get_arch
+    arch = get_arch(args.arch, patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
+                    num_heads=args.num_heads)
     header = dict(command='python ' + ' '.join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-                  machine=machine_info(args), models={m: model_config(args, m) for m in args.modes},
+                  machine=machine_info(args), arch=dataclasses.asdict(arch),
+                  models={m: model_config(args, m) for m in args.modes},
                   batch_size=args.batch_size, dtype=args.dtype, device=args.device)
     records: List[dict] = []
     if args.max_memory:
@@ -289,7 +300,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                 rec = measure(args, mode, size, args.max_memory)
                 records.append(rec)
                 return rec
-            fits[mode] = largest_fitting_side(probe, _patch(args), min(args.sizes), args.search_max_size)
+            side = largest_fitting_side(probe, _patch(args), min(args.sizes), args.search_max_size)
+            limit = args.search_max_size // _patch(args) * _patch(args)
+            fits[mode] = dict(largest_side=side, hit_search_max_size=side == limit)
         header['max_memory_gb'] = args.max_memory
         header['largest_side_that_fits'] = fits
         print(json.dumps(fits, indent=1))
