@@ -16,9 +16,11 @@ from mmengine.config import Config
 from mmengine.logging import MMLogger
 
 from mmseg_sparsevit.apis import configure_testing, configure_training, load_config
-from mmseg_sparsevit.apis.segpath_runs import family_configs, find_checkpoint, run_family
+from mmseg_sparsevit.apis.segpath_runs import (family_configs, family_runs, find_checkpoint, run_family,
+                                               summarize_family)
+from mmseg_sparsevit.datasets import get_antigen
 from mmseg_sparsevit.datasets.synthetic import make_demo_data
-from mmseg_sparsevit.evaluation import load_results
+from mmseg_sparsevit.evaluation import load_results, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / 'configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py')
@@ -153,3 +155,19 @@ def test_find_checkpoint_prefers_best_then_last(tmp_path):
     assert find_checkpoint(str(tmp_path)) == str(best)
     assert find_checkpoint(str(tmp_path), 'last') == str(last)
 
+
+
+
+def test_summarize_family_tabulates_the_antigens_that_ran(tmp_path):
+    """Result files in the family's work dirs (two antigens ran) -> table with their mean."""
+    runs = family_runs(str(ROOT / PANCK_448), str(tmp_path), ['panCK', 'ERG'])
+    for run, iou in zip(runs, (60.0, 40.0)):
+        save_results(Path(run.work_dir) / 'segpath_metrics.json', config=run.config, checkpoint='x.pth',
+                     antigen=run.antigen, cell_type=get_antigen(run.antigen).cell_type,
+                     metrics=dict(MPA=70.0, IoU=iou, Dice=80.0), tag='uni2-h-sparse-w8-448')
+    table = summarize_family(str(ROOT / PANCK_448), str(tmp_path))
+    mean_row = [line for line in table.splitlines() if '| mean ' in line]
+    assert len(mean_row) == 1 and re.search(r'70\.00\s*\|\s*50\.00\s*\|\s*80\.00', mean_row[0])
+    stem = tmp_path / 'mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-448x448_summary'
+    assert stem.with_suffix('.md').read_text().strip() == table.strip()
+    assert 'panCK' in stem.with_suffix('.csv').read_text()

@@ -119,9 +119,10 @@ def test_sparse_vit_inside_the_adapter(window, same_as_dense):
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in pairs) == same_as_dense
 
 
-def test_gradients_reach_every_parameter_of_vit_and_adapter():
+@pytest.mark.parametrize('attention', [dict(attn_mode='dense'), dict(attn_mode='sparse', window_size=4)])
+def test_gradients_reach_every_parameter_of_vit_and_adapter(attention):
     torch.manual_seed(0)
-    model = tiny_adapter('uni2-h', init_values=0.1).train()
+    model = tiny_adapter('uni2-h', init_values=0.1, vit_cfg=attention).train()
     wake_deform_attention(model)
     outs = model(torch.randn(2, 3, 112, 140))
     sum((o * torch.randn_like(o)).sum() for o in outs).backward()
