@@ -1,7 +1,7 @@
 # Runtime shared by every config: mmseg scope, logging, local visualisation backend.
 default_scope = 'mmseg'
 env_cfg = dict(
-    cudnn_benchmark=False,
+    cudnn_benchmark=True,  # SegPath batches have one fixed size
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
     dist_cfg=dict(backend='nccl'),
 )
