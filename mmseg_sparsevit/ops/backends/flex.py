@@ -22,7 +22,7 @@ except ImportError:  # torch < 2.5
     BlockMask = flex_attention = None
 
 FLEX_BLOCK_SIZE = 64  # kernel block; 64 matches an 8 x 8 tile, the paper's window
-FLEX_MIN_TOKENS_CPU = 4096  # below this the one-off compile costs more than gather ever does
+FLEX_MIN_TOKENS_CPU = 4096  # smaller CPU inputs: the 10-30 s compile outweighs the gain over gather
 _compiled_flex: Optional[Callable] = None
 failure: Optional[str] = None  # set by the dispatcher when an automatic flex call raised
 _block_mask_cache: dict[tuple, 'BlockMask'] = {}
@@ -49,7 +49,7 @@ class _Structure:
     """Everything about the block mask that depends only on (grid, G, window, pattern, device)."""
     needed: Tensor  # (q blocks, kv blocks) kernel block pairs holding any visible key
     q_bounds: tuple[Tensor, Tensor, Tensor, Tensor]  # (P,) each: lo_r, hi_r, lo_c, hi_c per query slot
-    kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates; row -1 for empty slots and globals
+    kv_rc: tuple[Tensor, Tensor]  # (P + G,) key coordinates (may lie past the grid); -1 for globals
     num_slots: int  # P; keys from here on are global
 
 
