@@ -1,4 +1,4 @@
-"""tools/train.py -> --resume -> tools/test.py on generated demo data (CPU, a few iterations),
+"""tools/train.py -> --resume -> tools/test.py on generated demo data (CPU, 2 + 1 iterations),
 plus the config plumbing of mmseg_sparsevit.apis and tools/run_segpath.py without training.
 
 The cycle runs the tools as separate processes, the way users run them, so that the
@@ -45,30 +45,30 @@ def demo_root(tmp_path_factory):
 
 def demo_options(data_root, max_iters: int):
     return ['--cfg-options', f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={max_iters}',
-            'default_hooks.checkpoint.interval=2', 'default_hooks.checkpoint.max_keep_ckpts=3',
-            'default_hooks.logger.interval=1', 'train_dataloader.batch_size=2',
+            'default_hooks.checkpoint.interval=1', 'default_hooks.checkpoint.max_keep_ckpts=3',
+            'default_hooks.logger.interval=1', 'train_dataloader.batch_size=1',
             *(f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test'))]
 
 
 def test_train_resume_test_cycle(demo_root, tmp_path):
     work_dir = tmp_path / 'train'
-    run_tool('train.py', DEMO, '--work-dir', str(work_dir), *demo_options(demo_root, 4))
-    assert {'iter_2.pth', 'iter_4.pth', 'last_checkpoint'} <= set(os.listdir(work_dir))
-    assert list(work_dir.glob('best_IoU_iter_4.pth'))
+    run_tool('train.py', DEMO, '--work-dir', str(work_dir), *demo_options(demo_root, 2))
+    assert {'iter_1.pth', 'iter_2.pth', 'last_checkpoint'} <= set(os.listdir(work_dir))
+    assert list(work_dir.glob('best_IoU_iter_2.pth'))
 
-    log = run_tool('train.py', DEMO, '--work-dir', str(work_dir), '--resume', *demo_options(demo_root, 6))
-    assert re.search(r'resumed epoch: 0, iter: 4', log)
-    iters = [int(i) for i in re.findall(r'Iter\(train\) \[\s*(\d+)/6\]', log)]
-    assert iters == [5, 6]  # continued, did not restart
-    ckpt = torch.load(work_dir / 'iter_6.pth', map_location='cpu', weights_only=False)
-    assert ckpt['meta']['iter'] == 6
+    log = run_tool('train.py', DEMO, '--work-dir', str(work_dir), '--resume', *demo_options(demo_root, 3))
+    assert re.search(r'resumed epoch: 0, iter: 2', log)
+    iters = [int(i) for i in re.findall(r'Iter\(train\) \[\s*(\d+)/3\]', log)]
+    assert iters == [3]  # continued, did not restart
+    ckpt = torch.load(work_dir / 'iter_3.pth', map_location='cpu', weights_only=False)
+    assert ckpt['meta']['iter'] == 3
 
     test_dir = tmp_path / 'test'
-    run_tool('test.py', DEMO, str(work_dir / 'iter_6.pth'), '--work-dir', str(test_dir),
-             '--show-dir', str(test_dir / 'vis'), *demo_options(demo_root, 6))
+    run_tool('test.py', DEMO, str(work_dir / 'iter_3.pth'), '--work-dir', str(test_dir),
+             '--show-dir', str(test_dir / 'vis'), *demo_options(demo_root, 3))
     result = load_results(test_dir / 'segpath_metrics.json')
     assert (result.antigen, result.cell_type) == ('panCK', 'Epithelium')
-    assert result.checkpoint.endswith('iter_6.pth')
+    assert result.checkpoint.endswith('iter_3.pth')
     for name in ('MPA', 'IoU', 'Dice'):
         assert 0.0 <= result.metrics[name] <= 100.0
     overlays = list((test_dir / 'vis').rglob('*.png'))
