@@ -165,7 +165,7 @@ def measure(args: argparse.Namespace, mode: str, size: int, cap_gb: Optional[flo
     if record['status'] == 'ok':
         detail = f"{record['time_s']:.3f} s  peak {record['peak_gb']:.2f} GB  forward {record['forward_gb']:.2f} GB"
     elif record['status'] == 'over':
-        detail = f"stopped above the {cap_gb} GB cap" + (f" at {record['peak_gb']:.2f} GB" if 'peak_gb' in record else '')
+        detail = f"stopped above the {cap_gb} GB cap" + (f" at {record['peak_gb']:.3f} GB" if 'peak_gb' in record else '')
     else:
         detail = str(record.get('error', ''))
     print(f"{mode:>14} {size:>5} px: {record['status']:>7} {detail}", flush=True)
