@@ -86,6 +86,6 @@ def test_sweep_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch):
         raise AssertionError('a finished run was redone')
 
     monkeypatch.setattr(sweep_lib, 'extract_features', no_work)
-    monkeypatch.setattr(tool, 'benchmark_measure', lambda args: no_work)
+    monkeypatch.setattr(tool, 'benchmark_measure', lambda *args: no_work)
     tool.main(argv)  # everything comes from runs/*.json
     assert read_csv(work / 'table_resolution.csv') == table1

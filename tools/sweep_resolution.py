@@ -1,8 +1,9 @@
 """Paper tables 1-3: extraction, linear probe / KNN and time / memory per input size and attention mode,
 plus pruning-ratio and window-size ablations, written as markdown, CSV, JSON and PNG plots.
 
-Time and peak memory come from ``tools/benchmark_backbone.py`` (one fresh process per point, random
-weights, batch of ``--measure-batch-size``). Rerunning the same command resumes an interrupted sweep.
+Time and peak memory come from ``mmseg_sparsevit.benchmark`` (one fresh process per point, random weights,
+batch of ``--measure-batch-size``, extraction's precision). Rerunning the same command resumes an
+interrupted sweep.
 
 Example (UNI-2 on PANDA, table 1 and both ablations at 896 px)::
 
@@ -12,22 +13,16 @@ Example (UNI-2 on PANDA, table 1 and both ablations at 896 px)::
         --work-dir work_dirs/panda_sweep
 """
 import argparse
-import importlib.util
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
-import torch
 from mmengine.logging import print_log
 
-from mmseg_sparsevit.classification.cli import (ARCH_OVERRIDES, add_eval_args, add_extraction_args, base_config,
-                                                eval_kwargs, extract_kwargs)
+from mmseg_sparsevit.classification.cli import (add_eval_args, add_extraction_args, base_config, eval_kwargs,
+                                                extract_kwargs)
 from mmseg_sparsevit.classification.dataset import load_samples
-from mmseg_sparsevit.classification.extraction import MODES, ExtractionConfig, resolve_amp
-from mmseg_sparsevit.classification.sweep import plan_runs, run_sweep, write_outputs
-
-# tools/benchmark_backbone.py names for our attention modes.
-BENCHMARK_MODES = {'dense': 'sdpa', 'sparse': 'sparse', 'sparse+prune': 'sparse_pruned'}
+from mmseg_sparsevit.classification.extraction import MODES
+from mmseg_sparsevit.classification.sweep import benchmark_measure, plan_runs, run_sweep, write_outputs
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -47,40 +42,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_benchmark() -> ModuleType:
-    """``tools/benchmark_backbone.py`` as a module (tools/ is not a package)."""
-    path = Path(__file__).with_name('benchmark_backbone.py')
-    spec = importlib.util.spec_from_file_location('benchmark_backbone', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def benchmark_measure(args: argparse.Namespace):
-    """``cfg -> record`` running the backbone benchmark's isolated measurement for that config."""
-    bench = load_benchmark()
-    amp = resolve_amp(args.amp, torch.device(args.device))
-    dtype = str(amp or torch.float32).replace('torch.', '')
-
-    def measure(cfg: ExtractionConfig) -> Dict[str, Any]:
-        argv = ['--arch', cfg.arch, '--window-size', str(cfg.window_size), '--prune-ratio', str(cfg.prune_ratio),
-                '--prune-after', str(cfg.prune_after), '--device', args.device, '--dtype', dtype,
-                '--batch-size', str(args.measure_batch_size), '--repeats', str(args.measure_repeats)]
-        for name in ARCH_OVERRIDES:
-            if name in cfg.arch_overrides:
-                argv += [f'--{name.replace("_", "-")}', str(cfg.arch_overrides[name])]
-        return bench.measure(bench.parse_args(argv), BENCHMARK_MODES[cfg.mode], cfg.size, args.mem_cap)
-
-    return measure
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     args = parse_args(argv)
     samples, class_names = load_samples(args.data_root, args.ann_file)
     tables = plan_runs(base_config(args, args.sizes[0], args.modes[0]), args.sizes, args.modes,
                        args.prune_ratios, args.window_sizes, args.ablation_size, args.window_mode)
-    records = run_sweep(tables, samples, class_names, args.work_dir, benchmark_measure(args),
-                        extract_kwargs(args), eval_kwargs(args))
+    measure = benchmark_measure(args.device, args.amp, args.measure_batch_size, args.measure_repeats, args.mem_cap)
+    records = run_sweep(tables, samples, class_names, args.work_dir, measure, extract_kwargs(args), eval_kwargs(args))
     written = write_outputs(tables, records, args.work_dir)
     print(Path(written['md']).read_text())
     print_log(f'wrote {", ".join(sorted(written.values()))}', logger='current')

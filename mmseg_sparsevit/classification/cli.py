@@ -1,7 +1,7 @@
 """Command-line arguments shared by ``tools/extract_features.py``, ``eval_features.py`` and ``sweep_resolution.py``.
 
-Model overrides are the ones ``tools/benchmark_backbone.py`` accepts too (patch size, depth, width,
-heads), so a sweep's time/memory measurement builds the same network as its extraction.
+Model overrides: patch size, depth, width and heads on top of the ``--arch`` preset. A sweep's time/memory
+measurement (``sweep.benchmark_measure``) builds its network from the same ``ExtractionConfig`` as extraction.
 """
 import argparse
 from typing import Any, Dict

@@ -4,7 +4,8 @@ Table 1 crosses input sizes with attention modes; table 2 varies the pruning rat
 window size at one ablation size. Runs shared between tables are done once. Each finished run is saved
 to ``runs/<tag>.json`` and reused by a later sweep with the same settings, and extraction itself
 resumes, so an interrupted sweep continues where it stopped. Time and memory come from an injected
-``measure`` callable (the backbone benchmark's, see ``tools/sweep_resolution.py``).
+``measure`` callable: ``benchmark_measure``, the backbone benchmark's fresh-process measurement of each run's
+network at extraction's precision.
 """
 import csv
 import dataclasses
@@ -18,10 +19,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from mmengine.logging import print_log
 
+from mmseg_sparsevit.benchmark import MeasureSettings, measure_point
 from mmseg_sparsevit.evaluation.table import markdown_table
 
 from .dataset import Sample
-from .extraction import MODES, ExtractionConfig, extract_features
+from .extraction import MODES, AmpMode, ExtractionConfig, extract_features, resolve_amp
 from .feature_store import load_features
 from .probing import METRIC_NAMES, evaluate_features
 
@@ -30,6 +32,8 @@ TABLES = ('resolution', 'prune_ratio', 'window_size')
 TABLE_TITLES = dict(resolution='Table 1: input size x attention mode', prune_ratio='Table 2: pruning ratio',
                     window_size='Table 3: window size')
 PROBES = ('linear_probe', 'knn')
+# Benchmark precision that reproduces extraction's numerics: fp32 weights, autocast to the amp dtype.
+AMP_PRECISIONS = {None: 'fp32', torch.bfloat16: 'amp-bf16', torch.float16: 'amp-fp16'}
 
 
 def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str],
@@ -47,6 +51,23 @@ def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str]
         resolution=[replace(base, size=s, mode=m) for s in sizes for m in modes],
         prune_ratio=[replace(base, size=size, mode='sparse+prune', prune_ratio=p) for p in prune_ratios],
         window_size=[replace(base, size=size, mode=window_mode, window_size=w) for w in window_sizes])
+
+
+def benchmark_measure(device: str, amp: AmpMode = 'auto', batch_size: int = 1, repeats: int = 3,
+                      mem_cap_gb: Optional[float] = None) -> Measure:
+    """``cfg -> record``: time and peak memory of the network ``cfg`` extracts with, one fresh process each.
+
+    The model gets all of ``cfg.backbone_kwargs()`` and runs as extraction does (fp32 weights under
+    ``torch.autocast`` to the dtype ``amp`` resolves to on ``device``), but with random weights: their values
+    change neither time nor memory, and loading a checkpoint would add its transient copy to the CPU peak.
+    """
+    settings = MeasureSettings(device=device, precision=AMP_PRECISIONS[resolve_amp(amp, torch.device(device))],
+                               batch_size=batch_size, repeats=repeats, mem_cap_gb=mem_cap_gb)
+
+    def measure(cfg: ExtractionConfig) -> Dict[str, Any]:
+        return measure_point(dict(cfg.backbone_kwargs(), pretrained=None, frozen=True), cfg.size, settings, cfg.tag)
+
+    return measure
 
 
 def _run_record(cfg: ExtractionConfig, samples: Sequence[Sample], class_names: List[str], work_dir: str,
