@@ -1,0 +1,209 @@
+"""The backbone benchmark on a tiny ViT: each mode measures a positive time and memory, precisions are what
+they say, the sweep measures with extraction's network and precision, the --max-memory search finds the
+largest fitting side, and the CLI's tables are computed from its measured records.
+
+Only one point runs in a fresh process (the real path, ~5 s); the others call the worker in this process.
+"""
+import importlib.util
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmseg_sparsevit.benchmark import (MODES, PRECISIONS, MeasureSettings, describe_precision, largest_fitting_side,
+                                       measure_point, mode_kwargs, write_reports)
+from mmseg_sparsevit.benchmark import measure as measure_mod
+from mmseg_sparsevit.benchmark.worker import run_point
+from mmseg_sparsevit.classification import ExtractionConfig, build_backbone
+from mmseg_sparsevit.classification import sweep as sweep_lib
+from mmseg_sparsevit.classification.extraction import resolve_amp
+from mmseg_sparsevit.models import SparseViT
+
+TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark_backbone.py'
+TINY = dict(arch='vit-s', embed_dim=32, depth=3, num_heads=2, patch_size=8, window_size=2, prune_ratio=0.5,
+            prune_after=2)
+TINY_ARGS = ['--arch', 'vit-s', '--embed-dim', '32', '--depth', '3', '--num-heads', '2', '--patch-size', '8',
+             '--window-size', '2', '--prune-after', '2', '--repeats', '1', '--device', 'cpu']
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('benchmark_backbone', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point_spec(mode: str, precision: str = 'fp32', size: int = 32) -> dict:
+    return dict(model=mode_kwargs(TINY, mode), size=size, device='cpu', precision=precision, batch_size=1,
+                repeats=1, warmup=1, mem_cap_gb=None)
+
+
+@pytest.mark.parametrize('mode', list(MODES))
+def test_each_mode_measures_positive_time_and_memory(mode):
+    record = run_point(point_spec(mode))
+    assert record['status'] == 'ok'
+    assert record['time_s'] > 0 and record['peak_gb'] > 0 and record['weights_gb'] > 0
+    assert 0 <= record['forward_gb'] <= record['peak_gb']
+
+
+def test_mode_kwargs_keep_only_options_that_act():
+    assert 'window_size' not in mode_kwargs(TINY, 'sdpa') and 'prune_ratio' not in mode_kwargs(TINY, 'sparse')
+    pruned = mode_kwargs(TINY, 'sparse_pruned')
+    assert pruned['token_pruning'] and pruned['window_size'] == 2 and pruned['prune_after'] == 2
+    assert mode_kwargs(TINY, 'vanilla')['fused_attn'] is False
+    with pytest.raises(ValueError, match="mode must be one of .* got 'dense'"):
+        mode_kwargs(TINY, 'dense')
+
+
+def test_fresh_process_point_reports_its_precision():
+    settings = MeasureSettings(precision='amp-bf16', repeats=1, warmup=1)
+    record = measure_point(mode_kwargs(TINY, 'sparse_pruned'), 32, settings, label='sparse_pruned')
+    assert record['status'] == 'ok', record
+    assert record['precision'] == 'amp-bf16' and record['size'] == 32 and record['tokens'] == 16
+    assert record['time_s'] > 0 and record['peak_gb'] > record['forward_gb'] > 0
+
+
+def test_precision_sets_weight_dtype():
+    """Autocast keeps fp32 weights (as extraction does); casting the model halves them."""
+    weights = {p: run_point(point_spec('sparse', p))['weights_gb'] for p in ('fp32', 'amp-bf16', 'bf16')}
+    assert weights['amp-bf16'] == weights['fp32'] == pytest.approx(2 * weights['bf16'])
+    assert describe_precision('amp-bf16') == 'fp32 weights, bf16 autocast'
+    assert describe_precision('bf16') == 'bf16 weights, no autocast'
+
+
+@pytest.mark.parametrize('amp', ['auto', 'fp32', 'bf16', 'fp16'])
+def test_sweep_measures_extraction_network_at_extraction_precision(amp, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep_lib, 'measure_point', lambda *args: calls.append(args) or dict(status='ok'))
+    cfg = ExtractionConfig(size=48, mode='sparse+prune', prune_ratio=0.5, prune_after=2, window_size=2, arch='vit-s',
+                           arch_overrides=dict(embed_dim=32, depth=3, num_heads=2, patch_size=8, mlp_ratio=2.0))
+    sweep_lib.benchmark_measure('cpu', amp, batch_size=2, repeats=1)(cfg)
+    (kwargs, size, settings, label), = calls
+    assert size == 48 and label == cfg.tag and settings.batch_size == 2 and settings.device == 'cpu'
+    amp_dtype = resolve_amp(amp, torch.device('cpu'))
+    assert PRECISIONS[settings.precision] == ('float32', amp_dtype and str(amp_dtype).replace('torch.', ''))
+    assert kwargs['mlp_ratio'] == 2.0 and kwargs['token_pruning'] and kwargs['pretrained'] is None
+    measured, extracted = SparseViT(**kwargs), build_backbone(cfg)
+    assert {k: v.shape for k, v in measured.state_dict().items()} == {
+        k: v.shape for k, v in extracted.state_dict().items()}
+    assert (measured.token_pruning, measured.prune_after, measured.attn_mode) == (True, 2, 'sparse')
+
+
+@pytest.mark.parametrize('kwargs, size, error, match', [
+    (dict(TINY, window=2), 32, TypeError, "unexpected keyword argument 'window'"),
+    (TINY, 36, ValueError, 'size=36 must be a positive multiple of the patch size 8'),
+])
+def test_measure_point_rejects_bad_input_before_starting(kwargs, size, error, match):
+    with pytest.raises(error, match=match):
+        measure_point(kwargs, size, MeasureSettings())
+
+
+def test_settings_reject_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of .* got 'float32'"):
+        MeasureSettings(precision='float32')
+
+
+def quadratic_memory(a: float):
+    """Fake measurement: memory a * side^2 GB, so the answer is known without running a model."""
+    return lambda side: dict(status='ok', peak_gb=a * side ** 2)
+
+
+@pytest.mark.parametrize('a, limit, patch, start, max_side', [
+    (1e-6, 0.01, 8, 32, 4096), (1e-6, 0.02, 14, 28, 4096), (3e-7, 0.5, 16, 16, 8192), (1e-6, 0.0011, 8, 32, 4096),
+])
+def test_search_finds_largest_side_under_the_limit(a, limit, patch, start, max_side):
+    found = largest_fitting_side(quadratic_memory(a), patch, start, max_side, limit)
+    expected = max(s for s in range(patch, max_side + 1, patch) if a * s ** 2 <= limit)
+    assert found['largest_side'] == expected and not found['hit_search_max_size']
+    tried = {r['peak_gb'] for r in found['records']}
+    assert a * expected ** 2 in tried and a * (expected + patch) ** 2 in tried  # both sides of the boundary
+    assert len(found['records']) <= 2 * math.log2(max_side / patch) + 2
+
+
+@pytest.mark.parametrize('limit, largest, hit', [(100.0, 1000, True), (1e-9, None, False)])
+def test_search_reports_cap_and_no_fit(limit, largest, hit):
+    found = largest_fitting_side(quadratic_memory(1e-6), 8, 32, 1007, limit)
+    assert (found['largest_side'], found['hit_search_max_size']) == (largest, hit)
+
+
+def test_search_counts_over_status_as_no_fit():
+    def measure(side):
+        return dict(status='over') if side > 40 else dict(status='ok', peak_gb=0.0)
+    assert largest_fitting_side(measure, 8, 8, 512, 1.0)['largest_side'] == 40
+
+
+def table(md: str, title: str) -> dict:
+    """``{row label: {column: cell}}`` of the first markdown table after ``title``."""
+    lines = md.split(title, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith('|'))
+    block = list(itertools.takewhile(lambda ln: ln.startswith('|'), lines[start:]))
+    columns = [c.strip() for c in block[0].strip('|').split('|')]
+    rows = [[c.strip() for c in ln.strip('|').split('|')] for ln in block[2:]]
+    return {row[0]: dict(zip(columns[1:], row[1:])) for row in rows}
+
+
+def assert_ratio_cell(cell: str, num: float, den: float) -> None:
+    """A 2-decimal ratio cell equals num / den, or is '-' where den is 0 (no ratio)."""
+    if den == 0:
+        assert cell == '-'
+    else:
+        assert float(cell.rstrip('x')) == pytest.approx(num / den, abs=6e-3)
+
+
+def test_cli_tables_come_from_measured_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(measure_mod, '_run_worker', lambda spec, timeout_s: run_point(spec))  # in-process
+    out = tmp_path / 'bench'
+    load_tool().main([*TINY_ARGS, '--sizes', '32', '64', '--precision', 'amp-bf16', '--out-dir', str(out)])
+    data = json.loads((out / 'benchmark.json').read_text())
+    md = (out / 'benchmark.md').read_text()
+    assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert data['precision'] == 'amp-bf16' and md.startswith('Precision: **amp-bf16** (fp32 weights, bf16 autocast)')
+    rec = {(r['mode'], r['size']): r for r in data['records']}
+    assert set(rec) == {(m, s) for m in MODES for s in (32, 64)}
+    assert all(r['status'] == 'ok' and r['precision'] == 'amp-bf16' for r in rec.values())
+
+    main = table(md, 'Precision:')
+    for mode in MODES:
+        assert float(main['64'][f'{mode} time s']) == pytest.approx(rec[mode, 64]['time_s'], abs=6e-4)
+        assert float(main['32'][f'{mode} peak GB']) == pytest.approx(rec[mode, 32]['peak_gb'], abs=6e-3)
+    for key, title in (('peak_gb', 'peak memory growth'), ('forward_gb', 'forward memory growth')):
+        growth = table(md, title)
+        for mode in MODES:
+            assert_ratio_cell(growth.get(mode, {}).get('32->64', '-'), rec[mode, 64][key], rec[mode, 32][key])
+    ratios = table(md, 'ratio to sdpa (time / forward memory):')
+    for mode in MODES:
+        for size in (32, 64):
+            time_cell, memory_cell = ratios[str(size)][mode].split(' / ')
+            assert_ratio_cell(time_cell, rec[mode, size]['time_s'], rec['sdpa', size]['time_s'])
+            assert_ratio_cell(memory_cell, rec[mode, size]['forward_gb'], rec['sdpa', size]['forward_gb'])
+
+
+def test_cli_max_memory_search(tmp_path, monkeypatch):
+    """Fake worker with memory 1e-6 * side^2 (x4 for vanilla) GB: the limit 0.01 GB fits 96 px (48 vanilla)."""
+    def fake_worker(spec, timeout_s):
+        peak = 1e-6 * spec['size'] ** 2 * (4 if spec['model'].get('fused_attn') is False else 1)
+        return dict(status='ok' if peak <= spec['mem_cap_gb'] else 'over', time_s=1.0, peak_gb=peak,
+                    forward_gb=peak / 2, weights_gb=0.001)
+
+    monkeypatch.setattr(measure_mod, '_run_worker', fake_worker)
+    out = tmp_path / 'search'
+    result = load_tool().main([*TINY_ARGS, '--modes', 'vanilla', 'sdpa', '--sizes', '32', '--max-memory', '0.01',
+                               '--search-max-size', '512', '--out-dir', str(out)])
+    data = json.loads((out / 'benchmark.json').read_text())
+    assert data['largest_side_that_fits'] == result['largest_side_that_fits'] == dict(
+        vanilla=dict(largest_side=48, hit_search_max_size=False), sdpa=dict(largest_side=96, hit_search_max_size=False))
+    assert {(r['mode'], r['size']) for r in data['records']} >= {('vanilla', 48), ('vanilla', 56), ('sdpa', 104)}
+    assert re.search(r'^\| 104 \| 169 \|', (out / 'benchmark.md').read_text(), re.M)
+
+
+def test_reports_without_a_finished_point(tmp_path):
+    """Every point over the cap: no curve to draw, yet all three files are written and say why."""
+    records = [dict(mode='sparse', size=64, tokens=64, precision='fp32', status='over')]
+    paths = write_reports(str(tmp_path), records, ['sparse'], [64], dict(precision='fp32', device='cpu', batch_size=1))
+    assert json.loads(paths['json'].read_text())['records'] == records
+    assert '| 64 | 64 | over | over | over |' in paths['md'].read_text()
+    assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
