@@ -1,4 +1,5 @@
 """Configs: every file loads, the SegPath leaves say what their names say, models build."""
+import ast
 import re
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ sys.path.insert(0, str(ROOT / 'tools'))
 import make_configs  # noqa: E402
 
 ALL = sorted(p for p in CONFIGS.rglob('*.py') if '_base_' not in p.parts)
-LEAVES = sorted((CONFIGS / 'segpath').glob('*/*.py'))
+LEAVES = sorted(p for p in (CONFIGS / 'segpath').glob('*/*.py') if p.parent.name != '_base_')
+SEGPATH_BASES = sorted((CONFIGS / 'segpath' / '_base_').glob('*.py'))
 DEMOS = sorted((CONFIGS / 'demo').glob('*.py'))
 # mmseg naming: {algo}_{backbone}_{N}xb{B}-{iters}_{data}-{crop}.py
 NAME = re.compile(r'^mask2former_(?P<backbone>[\w-]+)-adapter_\d+xb\d+-\d+k?_segpath-'
@@ -36,6 +38,7 @@ def test_the_experiment_grid_is_complete():
     assert len(LEAVES) == 8 * (5 * 2 + 3)
     assert {p.parent.name for p in LEAVES} == set(SEGPATH_ANTIGENS)
     assert len(DEMOS) == 2
+    assert len(SEGPATH_BASES) == 5 + 5  # one per resolution, one per backbone (dense, w2/8/16/64)
 
 
 def test_leaves_are_what_the_generator_writes():
@@ -76,6 +79,11 @@ def test_config_loads_and_names_its_settings(path):
         else:
             assert (vit.attn_mode, vit.window_size) == ('sparse', int(backbone['window']))
         assert cfg.segpath_tag == f"{match['backbone']}-{res}"
+        # Everything else comes from configs/segpath/_base_/ (one backbone file, one resolution file).
+        assigned = {t.id for node in ast.parse(path.read_text()).body for t in node.targets}
+        assert assigned == {'_base_', 'antigen', 'segpath_tag', 'train_dataloader', 'val_dataloader',
+                            'test_dataloader'}
+        assert cfg.antigen == antigen
 
 
 @pytest.fixture(scope='module')

@@ -36,14 +36,13 @@ model = dict(
             layer_cfg=dict(self_attn_cfg=tiny_attn, cross_attn_cfg=tiny_attn, ffn_cfg=tiny_ffn)),
         train_cfg=dict(num_points=img_scale[0] * img_scale[1] // 4)))
 
-
+# The base pipelines hold the base's img_scale: resize to this one (as configs/segpath/_base_/ does).
 train_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.train_pipeline]
 test_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.test_pipeline]
 data_root = 'data/segpath_demo'
 loader = dict(num_workers=0, persistent_workers=False)
 train_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=train_pipeline))
-val_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=test_pipeline))
-test_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=test_pipeline))
+val_dataloader = test_dataloader = dict(**loader, dataset=dict(data_root=data_root, pipeline=test_pipeline))
 
 # From scratch: the ViT trains at the full learning rate.
 optim_wrapper = dict(

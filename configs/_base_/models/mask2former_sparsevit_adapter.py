@@ -17,6 +17,9 @@ data_preprocessor = dict(
     seg_pad_val=255,
     size_divisor=patch_size,
     test_cfg=dict(size_divisor=patch_size))
+# Query self-attention and query-to-pixel cross-attention of the transformer decoder.
+decoder_attn_cfg = dict(
+    embed_dims=256, num_heads=8, attn_drop=0.0, proj_drop=0.0, dropout_layer=None, batch_first=True)
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -75,12 +78,8 @@ model = dict(
             return_intermediate=True,
             num_layers=9,
             layer_cfg=dict(
-                self_attn_cfg=dict(
-                    embed_dims=256, num_heads=8, attn_drop=0.0, proj_drop=0.0,
-                    dropout_layer=None, batch_first=True),
-                cross_attn_cfg=dict(
-                    embed_dims=256, num_heads=8, attn_drop=0.0, proj_drop=0.0,
-                    dropout_layer=None, batch_first=True),
+                self_attn_cfg=decoder_attn_cfg,
+                cross_attn_cfg=decoder_attn_cfg,
                 ffn_cfg=dict(
                     embed_dims=256, feedforward_channels=2048, num_fcs=2,
                     act_cfg=dict(type='ReLU', inplace=True), ffn_drop=0.0, dropout_layer=None,
