@@ -2,9 +2,13 @@
 
 The reference (dense boolean mask + softmax) is the source of truth; its geometry is itself checked
 against brute-force loops written here independently.  Flex runs eagerly (unfused, small shapes) in
-the sweep; one clearly marked test compiles it (~20 s cold on 2 CPU cores).
+the sweep; one clearly marked test compiles it (~20 s cold on 2 CPU cores); the compile-cap tests let
+dynamo hand its graphs to the cheap 'eager' backend.
 """
 import ast
+import contextlib
+import functools
+import importlib
 import importlib.util
 import logging
 import math
@@ -17,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_sparsevit.ops import (SparseAttention, neighbourhood_mask, select_backend,
-                                 set_attention_backend, sparse_attention, sparse_attention_reference,
-                                 window_bounds)
+                                 set_attention_backend, set_flex_compile_cap, sparse_attention,
+                                 sparse_attention_reference, window_bounds)
 from mmseg_sparsevit.ops.backends import flex
 from mmseg_sparsevit.ops.backends.gather import gather_attention
 from mmseg_sparsevit.ops.sparse_attention import BACKEND_ENV
@@ -178,8 +182,9 @@ def test_gather_never_builds_attention_sized_tensors(neighbourhood):
 @needs_flex
 @pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
 def test_compiled_flex_matches_reference(neighbourhood):
-    """EXPENSIVE: compiles FlexAttention (~20 s cold on this 2-core CPU, cached after; both patterns
-    and the pruned call share one compiled graph).  Exercises the cached block mask with full blocks."""
+    """EXPENSIVE: compiles FlexAttention (~20 s cold on this 2-core CPU, cached after; both patterns share
+    the graphs, the pruned call adds one for its per-sample validity table).  Exercises the cached block
+    mask with full blocks."""
     grid, num_global = (10, 13), 9
     for keep in (1.0, 1.0, 0.6):  # second unpruned call hits the block mask cache
         q, k, v, patch_index = _inputs(11, 2, num_global, grid, keep, heads=2, dim=16)
@@ -256,6 +261,101 @@ def test_requested_flex_that_cannot_run_raises(clean_choice):
     q, k, v, _ = _inputs(0, 1, 1, (4, 4), requires_grad=True)
     with pytest.raises(RuntimeError, match='no grad on CPU'):
         sparse_attention(q, k, v, (4, 4), 1, backend='flex')
+
+
+# ---------------------------------------------------------------- flex compile cap -----------------
+@pytest.fixture
+def flex_region(clean_choice):
+    """A fresh flex compile region whose graphs dynamo hands to its cheap 'eager' backend.  The cap is
+    dynamo's own recompile limit, which does not depend on the backend, so no inductor compile runs.
+    Records every ``flex_attention_backend`` call as (compiled, raised) in ``.calls``."""
+    clean_choice.setattr(torch, 'compile', functools.partial(torch.compile, backend='eager'))
+    for name, value in [('_compiled', None), ('_refused', set()), ('_compile_cap', None), ('failure', None),
+                        ('FLEX_MIN_TOKENS_CPU', 1)]:
+        clean_choice.setattr(flex, name, value)
+    clean_choice.setattr(importlib.import_module('mmseg_sparsevit.ops.sparse_attention'), '_logged_choices',
+                         set())
+    clean_choice.delenv(flex.FLEX_COMPILE_CAP_ENV, raising=False)
+    real_backend, calls = flex.flex_attention_backend, []
+
+    def recording_backend(*args, compiled=True):
+        try:
+            result = real_backend(*args, compiled=compiled)
+        except flex.FlexNotCompiledError:
+            calls.append((compiled, True))
+            raise
+        calls.append((compiled, False))
+        return result
+
+    clean_choice.setattr(flex, 'flex_attention_backend', recording_backend)
+    clean_choice.calls = calls
+    return clean_choice
+
+
+def _matches_reference(grid, backend=None):
+    q, k, v, _ = _inputs(1, 1, 1, grid)
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, grid, 1, 2, backend=backend)
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, grid, 1, 2), atol=1e-5, rtol=1e-5)
+
+
+@needs_flex
+def test_automatic_choice_past_the_compile_cap_uses_gather(flex_region, caplog):
+    flex_region.setenv(flex.FLEX_COMPILE_CAP_ENV, '1')
+    with caplog.at_level(logging.INFO, logger='mmseg_sparsevit.ops.sparse_attention'):
+        for grid in [(4, 4), (6, 6), (6, 6), (4, 4)]:  # 6 x 6 would be a second graph: refused
+            _matches_reference(grid)
+    assert flex_region.calls == [(True, False), (True, True), (True, True), (True, False)]  # never eager
+    cap_logs = [r.getMessage() for r in caplog.records if 'compile cap' in r.getMessage()]
+    assert len(cap_logs) == 1 and 'gather backend' in cap_logs[0]
+    assert 'cap of 1 ' in cap_logs[0] and flex.FLEX_COMPILE_CAP_ENV in cap_logs[0]
+
+
+@needs_flex
+def test_requested_flex_past_the_compile_cap_runs_small_inputs_uncompiled(flex_region, caplog):
+    set_flex_compile_cap(0)  # refuses even the first graph
+    with caplog.at_level(logging.INFO, logger='mmseg_sparsevit.ops.sparse_attention'):
+        _matches_reference((4, 4), backend='flex')
+    assert flex_region.calls == [(True, True), (False, False)]
+    assert 'small inputs run uncompiled' in caplog.text
+
+
+@needs_flex
+def test_requested_flex_past_the_compile_cap_raises_for_large_inputs(flex_region):
+    """'Large' here: a 4 x 4 grid's 1 x 2 x 16 x 17 = 544 eager scores against a limit of 100."""
+    set_flex_compile_cap(0)
+    flex_region.setattr(flex, 'FLEX_EAGER_MAX_SCORES', 100)
+    with pytest.raises(RuntimeError, match=r'(?s)cap of 0 .*set_flex_compile_cap.*544.*gather'):
+        _matches_reference((4, 4), backend='flex')
+    assert flex_region.calls == [(True, True)]
+
+
+@needs_flex
+@pytest.mark.parametrize('skip', ['disabled', 'dispatch mode'])
+def test_flex_never_runs_eagerly_where_compile_is_skipped(flex_region, caplog, skip):
+    """torch.compile runs the function eagerly when dynamo is disabled or a TorchDispatchMode is active."""
+    grid = (24, 24)
+    q, k, v, _ = _inputs(2, 1, 1, grid, heads=1, dim=4)
+    disabled = torch._dynamo.config.patch(disable=skip == 'disabled')
+    with torch.no_grad(), caplog.at_level(logging.INFO), disabled:
+        with _LargestTensor() if skip == 'dispatch mode' else contextlib.nullcontext() as probe:
+            out = sparse_attention(q, k, v, grid, 1, 2)
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, grid, 1, 2), atol=1e-5, rtol=1e-5)
+    assert flex_region.calls == [(True, True)]
+    if probe is not None:
+        assert probe.largest < q.shape[2]**2 / 4  # no score matrix
+    assert ('TORCH_COMPILE_DISABLE' if skip == 'disabled' else 'TorchDispatchMode') in caplog.text
+
+
+def test_flex_compile_cap_rejects_bad_values(monkeypatch):
+    for bad in (-1, 1.5, True, '8'):
+        with pytest.raises(ValueError, match='cap must be'):
+            set_flex_compile_cap(bad)
+    monkeypatch.setenv(flex.FLEX_COMPILE_CAP_ENV, 'eight')
+    with pytest.raises(ValueError, match=flex.FLEX_COMPILE_CAP_ENV):
+        flex.compile_cap()
+    monkeypatch.setenv(flex.FLEX_COMPILE_CAP_ENV, '3')
+    assert flex.compile_cap() == 3
 
 
 def test_module_calls_the_function():

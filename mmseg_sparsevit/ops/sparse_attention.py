@@ -76,6 +76,23 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: Optional[Backend] =
     return 'gather'
 
 
+def _uncompiled_flex_fallback(err: flex.FlexNotCompiledError, args: tuple,
+                              requested: bool) -> tuple[Tensor, Tensor]:
+    """Compiled flex refused this input.  Never let the automatic choice run eager flex (O(N^2)
+    memory): it takes gather.  A requested flex runs eagerly only while its dense scores are small."""
+    if not requested:
+        _log_once('gather', (f'flex: {err.reason}', ))
+        return gather_attention(*args)
+    if err.num_scores > flex.FLEX_EAGER_MAX_SCORES:
+        raise RuntimeError(
+            f'sparse_attention backend "flex" was requested but cannot run compiled: {err.reason}; running '
+            f'it uncompiled would materialise {err.num_scores} attention scores (limit '
+            f'FLEX_EAGER_MAX_SCORES = {flex.FLEX_EAGER_MAX_SCORES}). Use backend="gather" for this input.'
+        ) from err
+    _log_once('flex', (f'{err.reason}; small inputs run uncompiled', ))
+    return flex.flex_attention_backend(*args, compiled=False)
+
+
 def sparse_attention(
         q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
         window_size: int = 8, neighbourhood: Neighbourhood = 'block',
@@ -98,10 +115,13 @@ def sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
     if select_backend(q, k, v, backend) == 'flex':
+        requested = _requested_backend(backend) is not None
         try:
             out, global_attn = flex.flex_attention_backend(*args)
+        except flex.FlexNotCompiledError as err:
+            out, global_attn = _uncompiled_flex_fallback(err, args, requested)
         except Exception as err:  # e.g. no C++ compiler for inductor: degrade only if chosen for you
-            if _requested_backend(backend) is not None:
+            if requested:
                 raise
             flex.failure = f'failed earlier with {type(err).__name__}: {err}'
             logger.warning('sparse_attention: flex backend %s; using gather from now on', flex.failure)

@@ -6,12 +6,15 @@ block-sparse, so a ``BlockMask`` built directly from tile adjacency (never from 
 the compiled kernel skip all far-away key blocks; ``mask_mod`` makes the kept blocks exact.  Global
 query rows are computed densely beside it (G rows), which also yields their attention probabilities.
 """
+import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..neighbourhood import Neighbourhood, TileLayout, tile_layout, tile_query_bounds, window_bounds
 from .global_rows import global_rows
@@ -23,15 +26,58 @@ except ImportError:  # torch < 2.5
 
 FLEX_BLOCK_SIZE = 64  # kernel block; 64 matches an 8 x 8 tile, the paper's window
 FLEX_MIN_TOKENS_CPU = 4096  # smaller CPU inputs: the 10-30 s compile outweighs the gain over gather
-_compiled_flex: Optional[Callable] = None
+# Eager (uncompiled) flex materialises every score, about 12 bytes each on CPU: up to 2**22 scores
+# (~50 MiB) a requested flex may run uncompiled when it cannot be compiled; bigger inputs raise.
+FLEX_EAGER_MAX_SCORES = 2**22
+FLEX_COMPILE_CAP_ENV = 'SPARSEVIT_FLEX_COMPILE_CAP'
+FLEX_DEFAULT_COMPILE_CAP = 8  # graphs, like dynamo's default recompile_limit
+# torch.compile arguments the compile cap needs (torch 2.14 has them; without them flex is not used)
+_CAPPED_COMPILE = {'recompile_limit', 'isolate_recompiles'} <= set(
+    inspect.signature(torch.compile).parameters)
+_compile_cap: Optional[int] = None  # set_flex_compile_cap; None: environment variable or default
+_compiled: Optional[tuple[int, Callable]] = None  # (cap, compiled flex_attention) of the current region
+_refused: set[tuple] = set()  # input signatures dynamo refused at the cap: later calls skip the attempt
 failure: Optional[str] = None  # set by the dispatcher when an automatic flex call raised
 _block_mask_cache: dict[tuple, 'BlockMask'] = {}
+
+
+class FlexNotCompiledError(RuntimeError):
+    """Compiled flex cannot take this input (compile cap reached, or torch.compile would skip it), and
+    calling it anyway would run FlexAttention eagerly, materialising ``num_scores`` scores."""
+
+    def __init__(self, reason: str, num_scores: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.num_scores = num_scores
+
+
+def set_flex_compile_cap(cap: Optional[int]) -> None:
+    """Allow compiled flex at most ``cap`` compiled graphs per process (None: the environment variable
+    ``SPARSEVIT_FLEX_COMPILE_CAP``, else 8).  Past the cap dynamo would run flex eagerly, which is
+    O(N^2) in memory, so new input shapes go to gather instead.  Changing the cap starts a fresh compile
+    region: shapes compiled before are compiled again (from inductor's disk cache)."""
+    global _compile_cap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise ValueError(f'cap must be None or an int >= 0, got {cap!r}')
+    _compile_cap = cap
+
+
+def compile_cap() -> int:
+    """The cap in force: ``set_flex_compile_cap``, then the environment variable, then the default."""
+    if _compile_cap is not None:
+        return _compile_cap
+    value = os.environ.get(FLEX_COMPILE_CAP_ENV) or str(FLEX_DEFAULT_COMPILE_CAP)
+    if not value.isdigit():
+        raise ValueError(f'environment variable {FLEX_COMPILE_CAP_ENV} must be an int >= 0, got {value!r}')
+    return int(value)
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
     """Why the compiled flex path cannot (or, when ``automatic``, should not) run; None if it can."""
     if flex_attention is None:
         return 'torch has no flex_attention'
+    if not _CAPPED_COMPILE:
+        return 'torch.compile takes no recompile_limit / isolate_recompiles (torch too old)'
     if automatic and failure is not None:
         return failure
     if q.device.type not in ('cpu', 'cuda'):
@@ -159,16 +205,63 @@ def _take_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
+def _compiled_flex(cap: int) -> Callable:
+    """``flex_attention`` compiled in its own region (other compiles of it do not count against the cap)
+    with ``recompile_limit=cap``.  ``fullgraph=True`` makes dynamo raise at the limit, or on a graph
+    break, instead of running flex eagerly.  ``dynamic=False``: one static graph per input shape; on
+    CPU in torch 2.14 inductor fails to compile (C++ errors) the flex kernel with ``dynamic=True``, and
+    with automatic dynamic shapes once the batch of the pruning validity table varies."""
+    global _compiled
+    if _compiled is None or _compiled[0] != cap:
+        _refused.clear()
+        _compiled = (cap, torch.compile(flex_attention, fullgraph=True, dynamic=False, recompile_limit=cap,
+                                        isolate_recompiles=True))
+    return _compiled[1]
+
+
+def _signature(q_s: Tensor, k_s: Tensor, v_s: Tensor, kv_batch: int, scale: float) -> tuple:
+    """What a compiled graph may be specialised on.  Finer than dynamo's guards on purpose: a refused
+    signature must never match an input dynamo would accept."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_s, k_s, v_s))
+    return (q_s.shape, k_s.shape, v_s.shape, q_s.dtype, q_s.device, kv_batch, scale, grad,
+            torch.is_autocast_enabled(q_s.device.type))
+
+
+def _run_compiled(q_s: Tensor, k_s: Tensor, v_s: Tensor, block_mask: 'BlockMask', scale: float,
+                  kv_batch: int) -> Tensor:
+    """Compiled flex, or ``FlexNotCompiledError`` wherever dynamo would fall back to eager."""
+    from torch._dynamo import config as dynamo_config  # imported on first use: ~1 s
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    num_scores = q_s.shape[0] * q_s.shape[1] * q_s.shape[2] * k_s.shape[2]
+    if dynamo_config.disable:
+        raise FlexNotCompiledError('torch.compile is disabled (TORCH_COMPILE_DISABLE)', num_scores)
+    if is_in_torch_dispatch_mode(include_infra_modes=False):
+        raise FlexNotCompiledError('a TorchDispatchMode is active, under which torch.compile does not run',
+                                   num_scores)
+    cap = compile_cap()
+    compiled = _compiled_flex(cap)
+    signature = _signature(q_s, k_s, v_s, kv_batch, scale)
+    reason = (f'the flex compile cap of {cap} compiled graphs is reached (raise it with '
+              f'set_flex_compile_cap(n) or {FLEX_COMPILE_CAP_ENV}=n)')
+    if signature in _refused:
+        raise FlexNotCompiledError(reason, num_scores)
+    try:
+        return compiled(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
+    except FailOnRecompileLimitHit as err:
+        _refused.add(signature)
+        raise FlexNotCompiledError(reason, num_scores) from err
+
+
 def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
                            window_size: int, neighbourhood: Neighbourhood,
                            patch_index: Optional[Tensor], scale: float,
                            compiled: bool = True) -> tuple[Tensor, Tensor]:
     """Sparse attention on validated arguments; returns (output, global probabilities over patches).
 
-    ``compiled=False`` runs FlexAttention eagerly, which materialises the full score matrix: only for
-    tests on small inputs, where compiling would cost more than the whole check.
+    Raises ``FlexNotCompiledError`` instead of ever running flex eagerly by accident.  ``compiled=False``
+    runs FlexAttention eagerly, which materialises the full score matrix: only for tests on small inputs
+    and for small requested calls past the compile cap (the dispatcher checks FLEX_EAGER_MAX_SCORES).
     """
-    global _compiled_flex
     layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
     global_ids = torch.arange(num_global, device=q.device).expand(layout.slot_token.shape[0], -1)
     kv_token = torch.cat([layout.slot_token, global_ids], dim=1)
@@ -178,9 +271,7 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, 
 
     q_s, k_s, v_s = _take_tokens(q, layout.slot_token), _take_tokens(k, kv_token), _take_tokens(v, kv_token)
     if compiled:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        out = _compiled_flex(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
+        out = _run_compiled(q_s, k_s, v_s, block_mask, scale, kv_present.shape[0])
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')
