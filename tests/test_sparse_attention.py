@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_sparsevit.ops import (SparseAttention, neighbourhood_mask, select_backend,
                                  set_attention_backend, set_flex_compile_cap, sparse_attention,
-                                 sparse_attention_reference, window_bounds)
+                                 sparse_attention_reference, tile_layout, window_bounds)
 from mmseg_sparsevit.ops.backends import flex
+from mmseg_sparsevit.ops.backends import gather
 from mmseg_sparsevit.ops.backends.gather import gather_attention
 from mmseg_sparsevit.ops.sparse_attention import BACKEND_ENV
 
@@ -150,17 +152,20 @@ def test_gather_low_precision_close_to_reference(dtype, tol):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
+    """Records the largest tensor any op produces (elements, views included) and the largest storage
+    (bytes actually allocated; expanded views share their base's storage)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.largest_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out, ):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.untyped_storage().nbytes())
         return out
 
 
@@ -176,6 +181,59 @@ def test_gather_never_builds_attention_sized_tensors(neighbourhood):
         largest.append(probe.largest)
     assert largest[0] >= num_tokens**2  # the probe does see the reference's dense scores
     assert largest[1] <= num_tokens * (9 * 4 + 1) * 4 < num_tokens**2 / 16
+
+
+def _kept_positions(pattern: str, grid: tuple[int, int]) -> Tensor:
+    """About 40 % of the grid: scattered at random, one band of rows, or a dense corner + sparse rest."""
+    height, width = grid
+    cells = torch.arange(height * width)
+    if pattern == 'random':
+        return torch.randperm(height * width, generator=torch.Generator().manual_seed(0))[:410].sort().values
+    if pattern == 'band':
+        return cells[:410]
+    dense_corner = (cells // width < 12) & (cells % width < 12)
+    return cells[dense_corner | (cells % 3 == 0)]
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('pattern', ['random', 'band', 'corner'])
+def test_gather_pruned_memory_follows_kept_tokens(neighbourhood, pattern):
+    """Pruning must cut memory, not add to it: with ~40 % of a 32 x 32 grid kept, the largest buffer the
+    pruned call allocates is at most half the unpruned call's, however the kept tokens are spread."""
+    grid, num_global = (32, 32), 1
+    patch_index = _kept_positions(pattern, grid)[None]
+    assert 0.39 < patch_index.shape[1] / (grid[0] * grid[1]) < 0.44
+    largest = []
+    for index in (None, patch_index):
+        num_patches = grid[0] * grid[1] if index is None else index.shape[1]
+        q, k, v = torch.randn(3, 1, 2, num_global + num_patches, 8)
+        with torch.no_grad(), _LargestTensor() as probe:
+            out = sparse_attention(q, k, v, grid, num_global, 4, neighbourhood, patch_index=index,
+                                   backend='gather')
+        largest.append(probe.largest_bytes)
+    assert out.shape == q.shape
+    assert largest[1] <= largest[0] / 2
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_gather_pruned_tile_buckets_match_reference(neighbourhood):
+    """Dense and sparse tiles land in different buckets (checked): outputs, global attention and
+    gradients still equal the reference, per sample of a batch with different kept sets."""
+    grid = (32, 32)
+    corner, band = _kept_positions('corner', grid), _kept_positions('band', grid)
+    patch_index = torch.stack([corner[:400], band[10:]])
+    tiles = gather._tiles(tile_layout(grid, 1, 4, patch_index, torch.device('cpu')), 2, 4, neighbourhood)
+    assert len(gather._pruned_buckets(tiles)) > 1
+    q, k, v = (torch.randn(2, 2, 401, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3))
+    results = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        out, attn = fn(q, k, v, grid, 1, 4, neighbourhood, patch_index, return_global_attn=True,
+                       backend='gather')
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + attn[..., ::3].sum()
+        results.append((out, attn, *torch.autograd.grad(loss, (q, k, v))))
+    for name, ref, got in zip(['out', 'global attn', 'dq', 'dk', 'dv'], *results):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------- compiled flex (expensive) --------
