@@ -283,6 +283,16 @@ def test_automatic_choice_keeps_small_cpu_inputs_on_gather(clean_choice):
         assert select_backend(big, big, big) == 'flex'
 
 
+@needs_flex
+def test_automatic_choice_sizes_pruned_calls_by_their_grid(clean_choice):
+    """A pruned call runs on the grid's slots: it follows the unpruned call's choice for that grid."""
+    few = torch.empty(1, 1, 1 + 100, 8)
+    with torch.no_grad():
+        assert select_backend(few, few, few) == 'gather'
+        assert select_backend(few, few, few, grid_hw=(64, 64), num_global=1) == 'flex'
+        assert select_backend(few, few, few, grid_hw=(10, 10), num_global=1) == 'gather'
+
+
 def test_forcing_a_backend(clean_choice):
     q, k, v, _ = _inputs(0, 1, 1, (4, 4))
     clean_choice.setenv(BACKEND_ENV, 'gather')

@@ -56,10 +56,15 @@ def _requested_backend(backend: Optional[str]) -> Optional[str]:
     return requested
 
 
-def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: Optional[Backend] = None) -> Backend:
+def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: Optional[Backend] = None,
+                   grid_hw: Optional[tuple[int, int]] = None, num_global: int = 0) -> Backend:
     """Resolve the backend: explicit argument, then ``set_attention_backend``, then the environment
     variable, then the fastest path that accepts these inputs.  A requested backend that cannot run
-    raises instead of silently falling back."""
+    raises instead of silently falling back.
+
+    With ``grid_hw`` the size rule counts the whole grid (+ ``num_global``), not the tokens present:
+    a pruned call then takes the same backend as the unpruned call on that grid, and on flex it
+    reuses that call's compiled graph (its memory is the unpruned call's, below gather's)."""
     requested = _requested_backend(backend)
     if requested == 'flex':
         reason = flex.why_not(q, k, v, automatic=False)
@@ -68,7 +73,8 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, backend: Optional[Backend] =
     if requested is not None:
         _log_once(requested, ('requested',))
         return requested
-    reason = flex.why_not(q, k, v, automatic=True)
+    num_slots = None if grid_hw is None else grid_hw[0] * grid_hw[1] + num_global
+    reason = flex.why_not(q, k, v, automatic=True, num_slots=num_slots)
     if reason is None:
         _log_once('flex', ())
         return 'flex'
@@ -114,7 +120,7 @@ def sparse_attention(
     grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
-    if select_backend(q, k, v, backend) == 'flex':
+    if select_backend(q, k, v, backend, grid_hw, num_global) == 'flex':
         requested = _requested_backend(backend) is not None
         try:
             out, global_attn = flex.flex_attention_backend(*args)

@@ -72,8 +72,12 @@ def compile_cap() -> int:
     return int(value)
 
 
-def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
-    """Why the compiled flex path cannot (or, when ``automatic``, should not) run; None if it can."""
+def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool,
+            num_slots: Optional[int] = None) -> Optional[str]:
+    """Why the compiled flex path cannot (or, when ``automatic``, should not) run; None if it can.
+
+    ``num_slots`` (default: the tokens of ``q``) is the size the kernel runs over: grid cells + global
+    tokens, pruned or not, since pruned tokens are empty slots of the same compiled graph."""
     if flex_attention is None:
         return 'torch has no flex_attention'
     if not _CAPPED_COMPILE:
@@ -85,8 +89,9 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool) -> Optional[str]:
     if q.device.type == 'cpu':
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return 'needs no grad on CPU (no CPU backward kernel)'
-        if automatic and q.shape[2] < FLEX_MIN_TOKENS_CPU:
-            return f'{q.shape[2]} tokens < {FLEX_MIN_TOKENS_CPU} on CPU, compile time not repaid'
+        num_slots = q.shape[2] if num_slots is None else num_slots
+        if automatic and num_slots < FLEX_MIN_TOKENS_CPU:
+            return f'{num_slots} tokens < {FLEX_MIN_TOKENS_CPU} on CPU, compile time not repaid'
     return None
 
 
