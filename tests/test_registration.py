@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 EXPECTED = {
-    'MODELS': ['SparseViT'],
+    'MODELS': ['SparseViT', 'SparseViTAdapter'],
     'DATASETS': ['SegPathDataset'],
     'TRANSFORMS': ['LoadSegPathAnnotations'],
     'METRICS': ['SegPathMetric'],

@@ -1,18 +1,16 @@
-"""SparseViT backbone (and, when mmseg is installed, its registration in mmseg's MODELS registry).
+"""SparseViT and SparseViTAdapter backbones, registered in mmseg's ``MODELS``.
 
-The model modules need only torch, timm and mmengine; registration is skipped when mmseg is absent so
-that ``mmseg_sparsevit.models.sparse_vit`` stays usable for feature extraction without mmseg/mmcv.
+``sparse_vit.py`` itself needs only torch, timm and mmengine (the class is registered here, not
+decorated), so the model code stays plain PyTorch; mmseg is a hard dependency of the package.
 """
+from mmseg.registry import MODELS
+
 from .presets import ARCH_PRESETS, ViTArch, get_arch, timm_kwargs
 from .sparse_vit import SparseViT
+from .vit_adapter import SparseViTAdapter  # registers itself; needs mmcv.ops
 from .weights import load_pretrained_weights
 
-try:
-    from mmseg.registry import MODELS
-except ImportError:  # mmseg not installed: plain-PyTorch use only
-    MODELS = None
-else:
-    MODELS.register_module(module=SparseViT)
-    from .vit_adapter import SparseViTAdapter  # noqa: F401,E402  (registers itself; needs mmcv.ops)
+MODELS.register_module(module=SparseViT)
 
-__all__ = ['ARCH_PRESETS', 'SparseViT', 'ViTArch', 'get_arch', 'load_pretrained_weights', 'timm_kwargs']
+__all__ = ['ARCH_PRESETS', 'SparseViT', 'SparseViTAdapter', 'ViTArch', 'get_arch', 'load_pretrained_weights',
+           'timm_kwargs']
