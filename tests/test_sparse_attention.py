@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import random
@@ -516,6 +517,27 @@ def test_benchmark_tool_measures_and_tabulates():
     assert result['tokens'] == 21 and len(result['times_s']) == 2 and result['median_s'] > 0
     table = tool.markdown_table([dict(result, method='dense_sdpa', median_s=2.0, median_cpu_s=3.0),
                                  dict(result, median_s=0.5, median_cpu_s=1.0)])
-    assert '| 4x5 | 21 | gather | 0.500 | 4.0x | 1.000 | 3.0x |' in table
+    assert '| 4x5 | 1 | 21 | gather | 0.500 | 4.0x | 1.000 | 3.0x |' in table
     torch.testing.assert_close(tool.dense_eager(*_inputs(0, 1, 1, (2, 2))[:3]),
                                F.scaled_dot_product_attention(*_inputs(0, 1, 1, (2, 2))[:3]))
+
+
+def test_benchmark_tool_prunes_with_keep(tmp_path, capsys):
+    """The CLI end to end (one subprocess per point): keep=0.4 keeps int(0.4 * 20) = 8 of a 4 x 5 grid."""
+    tool = _benchmark_tool()
+    index = tool.kept_patch_index((4, 5), 0.4, 2, torch.device('cpu'))
+    assert index.shape == (2, 8) and torch.equal(index[0], index[1]) and (index.diff() > 0).all()
+    assert torch.equal(index, tool.kept_patch_index((4, 5), 0.4, 2, torch.device('cpu')))  # seeded
+    out = tmp_path / 'bench.json'
+    tool.main(['--grids', '4x5', '--methods', 'dense_sdpa', 'gather', '--keep', '0.4', '--num-global', '1',
+               '--heads', '2', '--head-dim', '8', '--window-size', '2', '--warmup', '1', '--repeats', '2',
+               '--timeout', '120', '--json', str(out)])
+    results = json.loads(out.read_text())['results']
+    assert [(r['keep'], r['method'], r.get('tokens')) for r in results] == [(0.4, 'dense_sdpa', 9),
+                                                                            (0.4, 'gather', 9)]
+    for r in results:
+        assert r['median_s'] > 0 and r['median_cpu_s'] > 0 and r['process_peak_rss_bytes'] > 0, r
+    printed = capsys.readouterr().out
+    assert '| 4x5 | 0.4 | 9 | gather |' in printed and 'among the kept tokens only' in printed
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--keep', '0'])
