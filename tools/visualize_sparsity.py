@@ -38,7 +38,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--prune-after', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', default='work_dirs/sparsity')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.grid) > 2:
+        parser.error(f'--grid takes H or H W, got {args.grid}')
+    height, width = (args.grid * 2)[:2]
+    if args.query is not None and not (0 <= args.query[0] < height and 0 <= args.query[1] < width):
+        parser.error(f'--query {args.query[0]} {args.query[1]} is outside the {height}x{width} grid')
+    return args
 
 
 def synthetic_tile(size: int, seed: int = 0) -> np.ndarray:
