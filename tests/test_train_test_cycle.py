@@ -121,6 +121,19 @@ def test_family_configs_from_one_antigen_or_a_pattern():
         family_configs(DEMO)
     with pytest.raises(KeyError, match='CD99'):
         family_configs(pattern, ['CD99'])
+    with pytest.raises(FileNotFoundError, match='config not found: .*no-such-panCK-448.py'):
+        family_configs(str(ROOT / 'configs' / 'no-such-panCK-448.py'))
+
+
+def test_family_configs_replaces_only_the_antigen_fields(tmp_path):
+    # 'panCK' also appears in a parent folder name: only the folder and the file-name field change.
+    for antigen in ('panCK', 'ERG'):
+        leaf = tmp_path / 'panCK_runs' / antigen / f'm_segpath-{antigen}-448x448.py'
+        leaf.parent.mkdir(parents=True)
+        leaf.write_text('')
+    configs = family_configs(str(tmp_path / 'panCK_runs' / 'panCK' / 'm_segpath-panCK-448x448.py'),
+                             ['panCK', 'ERG'])
+    assert configs['ERG'] == str(tmp_path / 'panCK_runs' / 'ERG' / 'm_segpath-ERG-448x448.py')
 
 
 def test_run_segpath_dry_run_trains_and_tests_each_antigen(tmp_path):

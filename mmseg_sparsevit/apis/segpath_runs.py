@@ -40,11 +40,14 @@ def family_configs(family: str, antigens: Optional[Sequence[str]] = None) -> Dic
     if unknown:
         raise KeyError(f'unknown antigens {unknown}; SegPath has {list(SEGPATH_ANTIGENS)}')
     if '{antigen}' not in family:
+        if not osp.isfile(family):
+            raise FileNotFoundError(f'config not found: {family}')
         named = [a for a in SEGPATH_ANTIGENS if f'/{a}/' in family or f'-{a}-' in family]
         if len(named) != 1:
             raise ValueError(f'{family}: give a path with {{antigen}} placeholders or the config of '
                              f'one SegPath antigen (found antigens {named} in it)')
-        family = family.replace(named[0], '{antigen}')
+        # only the antigen's folder and its file-name field, not any other occurrence in the path
+        family = family.replace(f'/{named[0]}/', '/{antigen}/').replace(f'-{named[0]}-', '-{antigen}-')
     configs = {a: family.format(antigen=a) for a in antigens}
     missing = [path for path in configs.values() if not osp.isfile(path)]
     if missing:
