@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job on embedded demo data, end to end on CPU (~4 min on 2 cores):
+# The README's main job on embedded demo data, end to end on CPU (4-7 min on 2 cores):
 # generate SegPath-layout tiles -> train the demo ViT-Adapter + Mask2Former with dense and with
 # windowed sparse attention -> test each saved checkpoint -> print the MPA / IoU / Dice table.
 #   usage: scripts/run_demo.sh [WORK_DIR]   (default work_dirs/demo)
