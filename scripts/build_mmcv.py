@@ -100,7 +100,7 @@ def main() -> None:
     else:
         std = required_cxx_standard(torch_version)
         print(f'building mmcv {args.version} for torch {torch_version} ({flavour}, -std={std}); '
-              f'this takes ~15 min on 2 cores, once per machine')
+              f'this takes ~10 min on 2 cores, once per machine')
         wheel = build_wheel(args.version, cache_dir, with_cuda, std)
         print(f'cached {wheel}')
     run([sys.executable, '-m', 'pip', 'install', '-q', '--disable-pip-version-check', str(wheel)])
