@@ -1,8 +1,6 @@
 """mmengine checkpoints load under torch >= 2.6 with weights_only=True, and nothing else does."""
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -72,7 +70,7 @@ def test_runner_checkpoint_loads_and_resumes(tmp_path):
     assert (tmp_path / 'iter_5.pth').is_file()
 
 
-def test_runner_checkpoint_loads_in_a_fresh_interpreter(tmp_path):
+def test_runner_checkpoint_loads_in_a_fresh_interpreter(tmp_path, run_fresh_python):
     # A fresh process has created no HistoryBuffer yet, so its class-level statistics table is
     # still empty when the checkpoint is unpickled (the resume path of tools/train.py).
     runner = _train_toy_runner(tmp_path, max_iters=2)
@@ -81,9 +79,8 @@ def test_runner_checkpoint_loads_in_a_fresh_interpreter(tmp_path):
             'from mmengine.runner.checkpoint import CheckpointLoader\n'
             f'ckpt = CheckpointLoader.load_checkpoint({str(tmp_path / "iter_2.pth")!r}, map_location="cpu")\n'
             "print('LOADED', ckpt['meta']['iter'], ckpt['message_hub']['log_scalars']['train/loss'].mean())\n")
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1].split()[:2] == ['LOADED', '2']
+    stdout = run_fresh_python(code)
+    assert stdout.splitlines()[-1].split()[:2] == ['LOADED', '2']
 
 
 def test_message_hub_and_numpy_meta_roundtrip(tmp_path):

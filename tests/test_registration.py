@@ -1,7 +1,4 @@
 """`import mmseg_sparsevit` alone (as `custom_imports` does) registers every public component."""
-import subprocess
-import sys
-
 EXPECTED = {
     'MODELS': ['SparseViT', 'SparseViTAdapter'],
     'DATASETS': ['SegPathDataset'],
@@ -10,7 +7,7 @@ EXPECTED = {
 }
 
 
-def test_fresh_import_registers_everything():
+def test_fresh_import_registers_everything(run_fresh_python):
     # A fresh interpreter, so nothing imported by other tests can have registered these first.
     code = (
         'import mmseg.registry as r\n'
@@ -22,21 +19,24 @@ def test_fresh_import_registers_everything():
         "bad = {k: v for k, v in after.items() if v is None or not v.__module__.startswith('mmseg_sparsevit.')}\n"
         'assert not bad, bad\n'
     )
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_fresh_python(code)
 
 
 def test_registered_components_build():
+    from mmengine.registry import DefaultScope
     from mmseg.registry import METRICS, MODELS
 
     import mmseg_sparsevit  # noqa: F401
-    metric = METRICS.build(dict(type='SegPathMetric'))
+
+    # In the mmseg scope, as configs set it: another test's Runner may have left 'mmengine' as default.
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        metric = METRICS.build(dict(type='SegPathMetric'))
+        model = MODELS.build(dict(type='SparseViT', arch='vit-s', depth=1, attn_mode='sparse'))
     assert type(metric).__name__ == 'SegPathMetric'
-    model = MODELS.build(dict(type='SparseViT', arch='vit-s', depth=1, attn_mode='sparse'))
     assert type(model).__name__ == 'SparseViT'
 
 
-def test_torch_level_parts_work_without_mmseg():
+def test_torch_level_parts_work_without_mmseg(run_fresh_python):
     # A GPU machine may have only torch, timm and mmengine: hide mmseg/mmcv/mmdet and check that the
     # package warns (never silently), registers nothing, and still runs the sparse ViT and its op.
     code = (
@@ -60,5 +60,4 @@ def test_torch_level_parts_work_without_mmseg():
         'assert out.shape == (1, 32, 4, 4), out.shape\n'
         "assert not any(m.split('.')[0] in ('mmseg', 'mmcv', 'mmdet') for m in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_fresh_python(code)
