@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os.path as osp
 import pickle
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -54,7 +55,6 @@ def safe_globals_for_mmengine() -> list[Union[Callable, tuple[Callable, str]]]:
     """The (callable, dotted name) pairs an mmengine runner checkpoint needs, and nothing more."""
     entries: list[Union[Callable, tuple[Callable, str]]] = [
         np.ndarray, np.dtype, HistoryBuffer, (_restricted_getattr, 'builtins.getattr')]
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)
         for name, multiarray in _numpy_multiarray_modules():

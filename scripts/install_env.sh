@@ -32,9 +32,8 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 "$PY" -c 'import sys; assert sys.version_info >= (3, 9), sys.version' \
   || fail "Python >= 3.9 is required, got $("$PY" --version)"
 
-step "build tooling (a setuptools that still ships pkg_resources, for mmengine and the mmcv build)"
-"${PIP[@]}" install -q -r "$ROOT/requirements/build.txt"
-
+# requirements/build.txt (a setuptools that still ships pkg_resources, for mmengine and the mmcv build)
+# is resolved together with torch and with the runtime set, so neither can move setuptools past it.
 step "torch + torchvision"
 if "$PY" -c 'import torch, torchvision' 2>/dev/null; then
   echo "already installed: $("$PY" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"
