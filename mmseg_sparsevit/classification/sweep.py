@@ -20,7 +20,7 @@ import torch
 from mmengine.logging import print_log
 
 from mmseg_sparsevit.benchmark import MeasureSettings, measure_point
-from mmseg_sparsevit.evaluation.table import markdown_table
+from mmseg_sparsevit.utils.markdown import markdown_table
 
 from .dataset import Sample
 from .extraction import MODES, AmpMode, ExtractionConfig, extract_features, resolve_amp

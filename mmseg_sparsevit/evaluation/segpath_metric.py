@@ -9,9 +9,10 @@ from mmengine.logging import MMLogger, print_log
 from mmseg.registry import METRICS
 from PIL import Image
 
+from mmseg_sparsevit.utils.markdown import markdown_table
+
 from .functional import (SegAreas, areas_to_metrics, segmentation_areas,
                          sum_areas)
-from .table import markdown_table
 
 PER_CLASS_KEYS = ('CPA', 'IoU', 'Dice')
 

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
+from mmseg_sparsevit.utils.markdown import markdown_table
+
 from .results import RESULTS_FILENAME, SegPathResult, load_results
-from .table import markdown_table
 
 PAPER_METRICS = ('MPA', 'IoU', 'Dice')
 ID_COLUMNS = ('tag', 'antigen', 'cell_type')
