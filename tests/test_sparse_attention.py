@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmseg_sparsevit.ops import (SparseAttention, neighbourhood_mask, select_backend,
+from mmseg_sparsevit.ops import (SparseAttention, global_attention_probs, neighbourhood_mask, select_backend,
                                  set_attention_backend, set_flex_compile_cap, sparse_attention,
                                  sparse_attention_reference, tile_layout, window_bounds)
 from mmseg_sparsevit.ops.backends import flex
@@ -436,6 +436,40 @@ def test_module_calls_the_function():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
     assert 'sliding' in repr(layer)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,keep', [((5, 7), 1, 1.0), ((6, 6), 9, 0.5), ((4, 9), 3, 1.0)])
+def test_global_attention_probs_are_the_references_global_rows(neighbourhood, grid, num_global, keep):
+    """Global rows do not depend on the window, the pattern or pruning: they see every token."""
+    q, k, v, patch_index = _inputs(6, 2, num_global, grid, keep)
+    _, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, 2, neighbourhood, patch_index,
+                                             return_global_attn=True, scale=0.3)
+    probs = global_attention_probs(q, k, num_global, 0.3)
+    torch.testing.assert_close(probs, ref_attn, atol=1e-6, rtol=1e-5)
+    dense = torch.softmax(q[:, :, :num_global] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    torch.testing.assert_close(global_attention_probs(q, k, num_global), dense[..., num_global:])
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_global_attention_probs_low_precision_close_to_reference(dtype, tol):
+    """Low-precision inputs: probabilities within tol (of the largest) of float32, in the input dtype."""
+    q, k, v, _ = _inputs(8, 1, 1, (16, 16), dim=16)
+    ref = sparse_attention_reference(q, k, v, (16, 16), 1, 4, return_global_attn=True)[1]
+    probs = global_attention_probs(q.to(dtype), k.to(dtype), 1)
+    assert probs.dtype == dtype
+    torch.testing.assert_close(probs.float(), ref, atol=tol * ref.max().item(), rtol=0)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(num_global=-1), 'num_global'), (dict(num_global=13), 'num_global=13'), (dict(scale=float('inf')), 'scale'),
+    (dict(k='k'), 'k must be a torch.Tensor'), (dict(k=torch.zeros(2, 2, 12, 8)), 'k shape'),
+    (dict(q=torch.zeros(2, 2, 13, 8).double()), 'dtypes differ'),
+])
+def test_global_attention_probs_checks_arguments(kwargs, message):
+    q, k, _, _ = _inputs(0, 2, 1, (3, 4))
+    with pytest.raises((ValueError, TypeError), match=message):
+        global_attention_probs(**{'q': q, 'k': k, 'num_global': 1, **kwargs})
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():

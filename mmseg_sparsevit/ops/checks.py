@@ -21,40 +21,24 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_gl
                window_size: int, neighbourhood: str, patch_index: Optional[Tensor],
                scale: Optional[float]) -> None:
     """Raise ``ValueError``/``TypeError`` naming the bad argument; return None when all is well."""
-    for name, t in (('q', q), ('k', k), ('v', v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f'{name} must be a torch.Tensor, got {type(t).__name__}')
-        if t.dim() != 4:
-            raise ValueError(f'{name} must be (B, heads, G + M, head_dim), got shape {tuple(t.shape)}')
-        if not t.is_floating_point():
-            raise TypeError(f'{name} must be floating point, got dtype {t.dtype}')
+    _check_tensors(('q', q), ('k', k), ('v', v))
     if k.shape != q.shape:
         raise ValueError(f'k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}')
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f'v shape {tuple(v.shape)} must match q shape {tuple(q.shape)} '
                          'in (B, heads, tokens)')
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f'q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}')
-    if not q.device == k.device == v.device:
-        raise ValueError(f'q, k, v devices differ: {q.device}, {k.device}, {v.device}')
+    _check_same_dtype_device(q, k, v)
 
     if (not isinstance(grid_hw, (tuple, list)) or len(grid_hw) != 2
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in grid_hw)):
         raise ValueError(f'grid_hw must be a pair of positive ints (H, W), got {grid_hw!r}')
     _check_int('window_size', window_size, 1)
-    _check_int('num_global', num_global, 0)
-    if neighbourhood not in NEIGHBOURHOODS:
-        raise ValueError(f'neighbourhood must be one of {NEIGHBOURHOODS}, got {neighbourhood!r}')
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f'scale must be None or a finite number, got {scale!r}')
+    check_neighbourhood(neighbourhood)
+    _check_global_and_scale(q, num_global, scale)
 
     batch, _, num_tokens, _ = q.shape
     num_patches = num_tokens - num_global
     grid_cells = grid_hw[0] * grid_hw[1]
-    if num_patches < 1:
-        raise ValueError(f'num_global={num_global} leaves no patch tokens in {num_tokens} tokens (q shape '
-                         f'{tuple(q.shape)})')
     if patch_index is None:
         if num_patches != grid_cells:
             raise ValueError(f'{num_patches} patch tokens (q has {num_tokens} tokens, num_global='
@@ -62,6 +46,49 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_gl
                              'pass patch_index for pruned tokens')
         return
     _check_patch_index(patch_index, batch, num_patches, grid_hw, q.device)
+
+
+def check_global_args(q: Tensor, k: Tensor, num_global: int, scale: Optional[float]) -> None:
+    """Checks of ``global_attention_probs``: q and k as for ``sparse_attention``, any token layout."""
+    _check_tensors(('q', q), ('k', k))
+    if k.shape != q.shape:
+        raise ValueError(f'k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}')
+    _check_same_dtype_device(q, k)
+    _check_global_and_scale(q, num_global, scale)
+
+
+def check_neighbourhood(neighbourhood: str) -> None:
+    if neighbourhood not in NEIGHBOURHOODS:
+        raise ValueError(f'neighbourhood must be one of {NEIGHBOURHOODS}, got {neighbourhood!r}')
+
+
+def _check_tensors(*named: tuple[str, Tensor]) -> None:
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f'{name} must be a torch.Tensor, got {type(t).__name__}')
+        if t.dim() != 4:
+            raise ValueError(f'{name} must be (B, heads, G + M, head_dim), got shape {tuple(t.shape)}')
+        if not t.is_floating_point():
+            raise TypeError(f'{name} must be floating point, got dtype {t.dtype}')
+
+
+def _check_same_dtype_device(*tensors: Tensor) -> None:
+    names = ', '.join('qkv'[:len(tensors)])
+    if len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f'{names} dtypes differ: {", ".join(str(t.dtype) for t in tensors)}')
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f'{names} devices differ: {", ".join(str(t.device) for t in tensors)}')
+
+
+def _check_global_and_scale(q: Tensor, num_global: int, scale: Optional[float]) -> None:
+    _check_int('num_global', num_global, 0)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f'scale must be None or a finite number, got {scale!r}')
+    num_tokens = q.shape[2]
+    if num_tokens - num_global < 1:
+        raise ValueError(f'num_global={num_global} leaves no patch tokens in {num_tokens} tokens (q shape '
+                         f'{tuple(q.shape)})')
 
 
 def _check_patch_index(patch_index: Tensor, batch: int, num_patches: int, grid_hw: tuple[int, int],
