@@ -12,6 +12,10 @@ import torch.nn as nn
 from timm.layers import Mlp, SwiGLUPacked
 
 MlpKind = Literal['mlp', 'swiglu_packed']
+# Tile embedding recipe: 'token' = CLS (UNI, UNI-2), 'avg' = mean of the patch tokens, 'token+avg' = CLS
+# concatenated with the patch mean (Virchow, Virchow2). Register tokens never enter the mean.
+GlobalPool = Literal['token', 'avg', 'token+avg']
+GLOBAL_POOLS = ('token', 'avg', 'token+avg')
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,11 @@ class ViTArch:
     reg_tokens: int = 0
     no_embed_class: bool = False
     qkv_bias: bool = True
+    global_pool: GlobalPool = 'token'
 
     def __post_init__(self) -> None:
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f'global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}')
         if self.embed_dim % self.num_heads:
             raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
         if self.img_size % self.patch_size:
