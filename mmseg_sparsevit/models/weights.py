@@ -14,7 +14,6 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
-from safetensors import SafetensorError
 
 from .convert import to_timm_layout
 from .hub import download_weights, is_hub_name, parse_hub_name
@@ -27,27 +26,29 @@ CONTAINER_KEYS = ('state_dict', 'model')
 # Modules a backbone may lack (classifier head, or a final norm switched off with ``final_norm=False``
 # or replaced by ``nn.Identity``): their checkpoint keys are dropped when the model has none under them.
 OPTIONAL_PREFIXES = ('head.', 'fc_norm.', 'norm.')
-# What a damaged file raises: torch.load on an empty file (EOFError), a truncated zip (RuntimeError), bytes that
-# are no pickle (UnpicklingError), safetensors with a bad header (SafetensorError).
-READ_ERRORS = (EOFError, RuntimeError, ValueError, OSError, pickle.UnpicklingError, SafetensorError)
 
 
 def _load_file(path: str):
-    """The raw object in ``path``; a damaged file raises a ValueError that names it."""
+    """The raw object in ``path``; a damaged file raises a ValueError that names it.
+
+    torch.load and safetensors raise many types on damaged bytes (EOFError on an empty file, RuntimeError on a
+    truncated zip, IndexError or UnpicklingError on garbage, SafetensorError on a bad header), all turned into
+    one message; a pickle of objects other than tensors stays an UnpicklingError (refused, not damaged).
+    """
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path, device='cpu')
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
-        if 'Weights only load failed' in str(error):  # a pickle with arbitrary objects: refused, not damaged
+        if 'Unsupported global' in str(error):
             raise pickle.UnpicklingError(f'{path}: refused to unpickle objects other than tensors ({error})') from None
-        raise ValueError(f'{path} ({os.path.getsize(path)} bytes): cannot read weights (UnpicklingError: {error}); '
-                         'the file is empty, truncated or not a checkpoint; download it again') from error
-    except READ_ERRORS as error:
-        detail = str(error) or 'no detail'
-        raise ValueError(f'{path} ({os.path.getsize(path)} bytes): cannot read weights ({type(error).__name__}: '
-                         f'{detail}); the file is empty, truncated or not a checkpoint; download it again') from error
+        failure: Exception = error
+    except Exception as error:  # noqa: BLE001  (see docstring: any parse failure means a damaged file)
+        failure = error
+    raise ValueError(f'{path} ({os.path.getsize(path)} bytes): cannot read weights ({type(failure).__name__}: '
+                     f'{str(failure) or "no detail"}); the file is empty, truncated or not a checkpoint; download '
+                     'it again') from failure
 
 
 def read_state_dict(path: str) -> StateDict:
