@@ -126,8 +126,11 @@ def test_pruned_embeddings_and_kept_tokens(batch, prune_ratio):
     with torch.no_grad():  # the survivors are the patches the CLS token attends to most in block prune_after
         x, grid = model.prepare_tokens(batch)
         x = model.forward_blocks(x, grid, 0, 1)
-        _, global_attn = model.run_block(1, x, grid, return_global_attn=True)
-    assert torch.equal(kept, select_kept_tokens(global_attn, num_keep))
+        block = model.blocks[1]  # explicit softmax(q k^T * scale) rows of the global tokens, as a reference
+        q, k, _ = block.attn.qkv(block.norm1(x)).reshape(*x.shape[:2], 3, block.attn.num_heads, -1).permute(
+            2, 0, 3, 1, 4)
+        probs = ((q @ k.transpose(-2, -1)) * block.attn.scale).softmax(dim=-1)[:, :, :model.num_prefix_tokens]
+    assert torch.equal(kept, select_kept_tokens(probs[..., model.num_prefix_tokens:], num_keep))
 
 
 def test_prune_ratio_zero_equals_sparse(batch):

@@ -1,5 +1,6 @@
-"""SparseViT backbone: equality with timm's VisionTransformer, sparse == dense when windows cover the grid,
-gradients, checkpointing, register stripping, presets and mmseg registration.
+"""SparseViT backbone: equality with timm's VisionTransformer (maps, forward_features, forward_intermediates),
+sparse == dense when windows cover the grid, gradients, checkpointing, register stripping, embedding recipes,
+attention settings checked at build time, presets and mmseg registration.
 
 Models are the real architecture families (SwiGLU + 8 registers + no_embed_class + patch 14 for UNI-2,
 class-token position embedding + patch 16 for UNI) at reduced width and depth.
@@ -9,6 +10,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mmseg_sparsevit.models import ARCH_PRESETS, SparseViT, get_arch, timm_kwargs
+from mmseg_sparsevit.models.sparse_vit import tokens_to_nchw
+from mmseg_sparsevit.ops import SparseAttention
 
 TINY = dict(embed_dim=96, depth=2, num_heads=4)
 
@@ -46,23 +49,48 @@ def test_dense_matches_timm(arch: str, size: int) -> None:
     with torch.no_grad():
         final, (inter0, _) = ref.forward_intermediates(x, indices=[0, 1], norm=False)
         map0, map1 = model(x)
-        feats = model.extract_features(x)
+        feats = model.forward_tokens(x)
+        features = model.forward_features(x)
     grid, num_prefix = size // model.patch_size, ref.num_prefix_tokens
     assert map0.shape == map1.shape == (1, TINY['embed_dim'], grid, grid)
     torch.testing.assert_close(map0, inter0, atol=1e-5, rtol=0)
     torch.testing.assert_close(map1, grid_map(final, num_prefix, grid), atol=1e-5, rtol=0)
-    torch.testing.assert_close(feats['cls'], final[:, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(feats['patch_mean'], final[:, num_prefix:].mean(1), atol=1e-5, rtol=0)
-    assert feats['grid_hw'] == (grid, grid) and feats['kept_index'] is None
+    torch.testing.assert_close(feats.tokens, final, atol=1e-5, rtol=0)
+    assert torch.equal(features, feats.tokens)
+    torch.testing.assert_close(model.pool(feats.tokens), final[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.pool(feats.tokens, 'avg'), final[:, num_prefix:].mean(1), atol=1e-5, rtol=0)
+    assert feats.grid_hw == (grid, grid) and feats.kept_index is None
+
+
+@pytest.mark.parametrize(('norm', 'output_fmt', 'indices', 'num_taken'), [
+    (False, 'NCHW', None, 2), (True, 'NCHW', [-2], 1), (False, 'NLC', 1, 1), (True, 'NLC', [0, 1], 2)])
+def test_forward_intermediates_match_timm(norm: bool, output_fmt: str, indices, num_taken: int) -> None:
+    ref, model = build_pair('uni2-h')
+    x = torch.randn(2, 3, 84, 112)
+    kwargs = dict(indices=indices, norm=norm, output_fmt=output_fmt, return_prefix_tokens=True)
+    with torch.no_grad():
+        ref_final, ref_inter = ref.forward_intermediates(x, **kwargs)
+        final, inter = model.forward_intermediates(x, **kwargs)
+        only = model.forward_intermediates(x, **kwargs, intermediates_only=True, stop_early=True)
+    torch.testing.assert_close(final, ref_final, atol=1e-5, rtol=0)
+    assert len(inter) == len(ref_inter) == len(only) == num_taken
+    for (patches, prefix), (ref_patches, ref_prefix), (early, _) in zip(inter, ref_inter, only):
+        assert patches.shape == ref_patches.shape and prefix.shape == (2, 9, TINY['embed_dim'])
+        torch.testing.assert_close(patches, ref_patches, atol=1e-5, rtol=0)
+        torch.testing.assert_close(prefix, ref_prefix, atol=1e-5, rtol=0)
+        torch.testing.assert_close(early, patches, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC', got 'NHWC'"):
+        model.forward_intermediates(x, output_fmt='NHWC')
 
 
 def test_global_tokens_match_timm_prefix_tokens() -> None:
-    ref, model = build_pair('uni2-h', out_indices=0, return_global_tokens=True)
+    ref, model = build_pair('uni2-h')
     x = torch.randn(2, 3, 112, 140)
     with torch.no_grad():
         [(timm_map, timm_prefix)] = ref.forward_intermediates(
             x, indices=[0], return_prefix_tokens=True, intermediates_only=True)
-        [(feature_map, global_tokens)] = model(x)
+        [(feature_map, global_tokens)] = model.forward_intermediates(
+            x, indices=[0], return_prefix_tokens=True, intermediates_only=True)
     assert global_tokens.shape == (2, 9, TINY['embed_dim'])
     assert feature_map.shape == (2, TINY['embed_dim'], 8, 10)
     torch.testing.assert_close(global_tokens, timm_prefix, atol=1e-5, rtol=0)
@@ -73,10 +101,10 @@ def test_fused_and_vanilla_attention_agree() -> None:
     _, model = build_pair('uni2-h')
     x = torch.randn(1, 3, 84, 84)
     with torch.no_grad():
-        fused = model.extract_features(x)['patch_mean']
+        fused = model.forward_features(x)
         for block in model.blocks:
             block.attn.fused_attn = False
-        vanilla = model.extract_features(x)['patch_mean']
+        vanilla = model.forward_features(x)
     torch.testing.assert_close(fused, vanilla, atol=1e-5, rtol=1e-5)
 
 
@@ -134,11 +162,46 @@ def test_registers_are_stripped_before_reshape() -> None:
     H, W, C = 3, 5, TINY['embed_dim']
     codes = (torch.arange(H * W)[:, None] + 1000 * torch.arange(C)[None]).float().expand(2, -1, -1)
     tokens = torch.cat([torch.full((2, model.num_prefix_tokens, C), float('nan')), codes], dim=1)
-    feature_map = model.tokens_to_map(tokens, (H, W))
+    feature_map = tokens_to_nchw(tokens, (H, W), model.num_prefix_tokens)
     expected = codes.reshape(2, H, W, C).permute(0, 3, 1, 2)
     assert torch.equal(feature_map, expected)
     with pytest.raises(ValueError, match='do not fill grid'):
-        model.tokens_to_map(tokens, (H, W + 1))
+        tokens_to_nchw(tokens, (H, W + 1), model.num_prefix_tokens)
+
+
+@pytest.mark.parametrize(('arch', 'recipe'), [('uni2-h', 'token'), ('virchow2', 'token+avg')])
+def test_embedding_recipes_exclude_registers(arch: str, recipe: str) -> None:
+    """CLS is 1, registers NaN, patches their codes: each recipe must hold exactly CLS and / or the patch mean."""
+    model = SparseViT(arch, **TINY, global_pool=recipe)
+    assert model.global_pool == recipe
+    G, C = model.num_prefix_tokens, TINY['embed_dim']
+    codes = torch.randn(2, 15, C)
+    tokens = torch.cat([torch.ones(2, 1, C), torch.full((2, G - 1, C), float('nan')), codes], dim=1)
+    assert torch.equal(model.pool(tokens, 'token'), torch.ones(2, C))
+    torch.testing.assert_close(model.pool(tokens, 'avg'), codes.mean(1), atol=0, rtol=0)
+    expected = torch.ones(2, C) if recipe == 'token' else torch.cat([torch.ones(2, C), codes.mean(1)], dim=1)
+    torch.testing.assert_close(model.pool(tokens), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="pool_type must be one of .*got 'cls'"):
+        model.pool(tokens, 'cls')
+    with pytest.raises(ValueError, match="global_pool must be one of .*got 'mean'"):
+        SparseViT(arch, **TINY, global_pool='mean')
+
+
+def test_attention_settings_reach_the_kernel() -> None:
+    """window_size etc. go from the constructor through a typed AttentionConfig to ops.SparseAttention."""
+    sparse = SparseViT('uni2-h', **TINY, attn_mode='sparse', window_size=3, neighbourhood='sliding',
+                       sparse_backend='gather')
+    for block in sparse.blocks:
+        kernel = block.attn.sparse_attn
+        assert isinstance(kernel, SparseAttention)
+        assert (kernel.window_size, kernel.neighbourhood, kernel.backend) == (3, 'sliding', 'gather')
+    dense = SparseViT('uni2-h', **TINY, fused_attn=False)
+    assert all(b.attn.sparse_attn is None and not b.attn.fused_attn for b in dense.blocks)
+
+
+def test_bad_attn_mode_fails_at_build_time() -> None:
+    with pytest.raises(ValueError, match="attn_mode must be one of .*got 'sprase'"):
+        SparseViT('uni2-h', **TINY, attn_mode='sprase')
 
 
 def test_prepare_tokens_layout() -> None:

@@ -12,6 +12,13 @@ from mmseg_sparsevit.ops import neighbourhood_mask
 TINY = dict(embed_dim=96, depth=3, num_heads=4)
 
 
+def features(model: SparseViT, image: torch.Tensor) -> dict:
+    """CLS, patch mean and kept positions of the pruned model, through its public API."""
+    out = model.forward_tokens(image)
+    return dict(cls=model.pool(out.tokens, 'token'), patch_mean=model.pool(out.tokens, 'avg'),
+                kept_index=out.kept_index, grid_hw=out.grid_hw)
+
+
 def tiny_model(**kwargs) -> SparseViT:
     """UNI-2-family model whose attention is sharp enough that pruning scores are well separated."""
     torch.manual_seed(0)
@@ -82,7 +89,7 @@ def test_pruned_features_match_reference(attn_mode: str, window_size: Optional[i
                        prune_ratio=0.6, prune_after=2)
     image = torch.randn(2, 3, 8 * 14, 8 * 14)
     with torch.no_grad():
-        feats = model.extract_features(image)
+        feats = features(model, image)
         ref = reference_pruned_features(model, image, num_keep=26, window_size=window_size)
     kept = feats['kept_index']
     assert kept.shape == (2, 26) and kept.dtype == torch.long
@@ -98,7 +105,7 @@ def test_sparse_pruning_with_covering_window_equals_dense_pruning() -> None:
     sparse = tiny_model(token_pruning=True, prune_after=1, attn_mode='sparse', window_size=16)
     image = torch.randn(1, 3, 6 * 14, 10 * 14)
     with torch.no_grad():
-        a, b = dense.extract_features(image), sparse.extract_features(image)
+        a, b = features(dense, image), features(sparse, image)
     assert torch.equal(a['kept_index'], b['kept_index']) and a['kept_index'].shape == (1, 24)
     torch.testing.assert_close(a['cls'], b['cls'], atol=1e-5, rtol=1e-5)
 
@@ -109,7 +116,7 @@ def test_zero_ratio_is_exactly_unpruned(attn_mode: str) -> None:
     plain = tiny_model(attn_mode=attn_mode, window_size=2)
     image = torch.randn(2, 3, 5 * 14, 7 * 14)
     with torch.no_grad():
-        a, b = pruned.extract_features(image), plain.extract_features(image)
+        a, b = features(pruned, image), features(plain, image)
     assert torch.equal(a['cls'], b['cls']) and torch.equal(a['patch_mean'], b['patch_mean'])
     assert torch.equal(a['kept_index'], torch.arange(35).expand(2, -1)) and b['kept_index'] is None
 
@@ -133,3 +140,40 @@ def test_maps_before_pruning_are_unaffected() -> None:
 def test_prune_after_out_of_range(prune_after: int) -> None:
     with pytest.raises(ValueError, match='prune_after'):
         SparseViT('uni2-h', **TINY, token_pruning=True, prune_after=prune_after)
+
+
+def test_intermediates_and_features_with_pruning() -> None:
+    """NCHW maps exist up to block prune_after; later blocks come as the kept tokens (NLC), as in forward_tokens."""
+    model = tiny_model(token_pruning=True, prune_after=2)
+    image = torch.randn(2, 3, 8 * 14, 8 * 14)
+    G = model.num_prefix_tokens
+    with torch.no_grad():
+        out = model.forward_tokens(image)
+        final, [before, after] = model.forward_intermediates(image, indices=[1, 2], output_fmt='NLC')
+        [grid_map] = model.forward_intermediates(image, indices=[1], intermediates_only=True, stop_early=True)
+    assert out.kept_index.shape == (2, 26) and out.tokens.shape == (2, G + 26, TINY['embed_dim'])
+    torch.testing.assert_close(final, out.tokens, atol=0, rtol=0)
+    assert torch.equal(model.forward_features(image), out.tokens)
+    assert before.shape == (2, 64, TINY['embed_dim']) and after.shape == (2, 26, TINY['embed_dim'])
+    torch.testing.assert_close(grid_map.flatten(2).transpose(1, 2), before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match='token_pruning removes patch tokens after block 2'):
+        model.forward_intermediates(image, indices=[2])
+
+
+def test_dense_and_sparse_rank_by_the_same_float32_rows() -> None:
+    """Both modes score patches by the global rows of ops.global_attention_probs: softmax in float32, here for
+    a bf16 model, compared with an explicit computation (dense mode once had its own rows in the input dtype)."""
+    dense = tiny_model().to(torch.bfloat16)
+    sparse = tiny_model(attn_mode='sparse', window_size=2).to(torch.bfloat16)
+    G = dense.num_prefix_tokens
+    tokens = torch.randn(2, G + 64, TINY['embed_dim'], dtype=torch.bfloat16)
+    block, attn = dense.blocks[0], dense.blocks[0].attn
+    B, N, C = tokens.shape
+    with torch.no_grad():
+        q, k, _ = attn.qkv(block.norm1(tokens)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs = ((q[:, :, :G] @ k.transpose(-2, -1)) * attn.scale).float().softmax(dim=-1)
+        assert probs.amax() > 0.05  # far from uniform (1 / 73): the scores matter
+        dense_rows, sparse_rows = block.global_attention(tokens), sparse.blocks[0].global_attention(tokens)
+    assert dense_rows.shape == (2, attn.num_heads, G, 64) and dense_rows.dtype == torch.bfloat16
+    torch.testing.assert_close(dense_rows, probs.to(torch.bfloat16)[..., G:], atol=0, rtol=0)
+    assert torch.equal(dense_rows, sparse_rows)

@@ -113,8 +113,8 @@ def kept_tokens(args: argparse.Namespace, tile: np.ndarray) -> tuple:
     x = torch.from_numpy(tile).permute(2, 0, 1).float()[None] / 255
     x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
     with torch.no_grad():
-        feats = model.extract_features(x)
-    return feats['kept_index'][0].numpy(), feats['grid_hw'], model
+        out = model.forward_tokens(x)
+    return out.kept_index[0].numpy(), out.grid_hw, model
 
 
 def draw_pruned_tokens(args: argparse.Namespace, path: Path) -> None:

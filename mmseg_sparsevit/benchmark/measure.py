@@ -104,7 +104,7 @@ def _run_worker(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
 
 def measure_point(model_kwargs: Mapping[str, Any], size: int, settings: MeasureSettings,
                   label: str = '') -> Dict[str, Any]:
-    """Time and peak memory of ``SparseViT(**model_kwargs).extract_features`` on ``size`` x ``size`` inputs.
+    """Time and peak memory of ``SparseViT(**model_kwargs).forward_features`` on ``size`` x ``size`` inputs.
 
     ``model_kwargs`` are any SparseViT arguments (preset, overrides, attention mode, pruning, ...); they are
     checked here so a typo fails before a process starts. Returns ``size``, ``tokens``, ``precision`` and

@@ -40,7 +40,7 @@ def _rss_watchdog(limit_bytes: int) -> None:
 
 
 def run_point(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """Warm-up and timed ``extract_features`` calls on one input size; returns status, time and memory.
+    """Warm-up and timed ``forward_features`` calls on one input size; returns status, time and memory.
 
     ``spec``: ``model`` (SparseViT kwargs), ``size``, ``device``, ``precision`` (a ``PRECISIONS`` key),
     ``batch_size``, ``repeats``, ``warmup``, ``mem_cap_gb``. The model's weights are cast to the precision's
@@ -73,7 +73,7 @@ def run_point(spec: Dict[str, Any]) -> Dict[str, Any]:
         with torch.inference_mode(), autocast:
             for i in range(spec['warmup'] + spec['repeats']):
                 start = time.perf_counter()
-                model.extract_features(x)
+                model.forward_features(x)
                 if cuda:
                     torch.cuda.synchronize(device)
                 if i >= spec['warmup']:

@@ -103,11 +103,11 @@ def embed_batch(model: SparseViT, images: torch.Tensor,
                 amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[torch.Tensor]]:
     """``cls`` / ``patch_mean`` (B, C) float32, ``kept_index`` (B, K) or None, ``num_kept`` (B,)."""
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        out = model.extract_features(images)
-    kept = out['kept_index']
-    grid_h, grid_w = out['grid_hw']
-    num_kept = grid_h * grid_w if kept is None else kept.shape[1]
-    return dict(cls=out['cls'].float(), patch_mean=out['patch_mean'].float(), kept_index=kept,
+        out = model.forward_tokens(images)
+        cls, patch_mean = model.pool(out.tokens, 'token'), model.pool(out.tokens, 'avg')
+    grid_h, grid_w = out.grid_hw
+    num_kept = grid_h * grid_w if out.kept_index is None else out.kept_index.shape[1]
+    return dict(cls=cls.float(), patch_mean=patch_mean.float(), kept_index=out.kept_index,
                 num_kept=torch.full((images.shape[0],), num_kept, dtype=torch.long))
 
 

@@ -8,7 +8,7 @@ windows over the patch grid) and that every block receives the patch grid ``(H, 
 This file needs only torch, timm and mmengine; ``mmseg_sparsevit.models`` registers the class in mmseg.
 """
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import List, Literal, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,34 +17,65 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import initialize
 from timm.layers import LayerNorm, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
 from timm.models import named_apply
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from .layers import AttnMode, SparseViTBlock
-from .presets import MlpKind, get_arch
-from .pruning import gather_kept_tokens, num_kept_tokens, select_kept_tokens
+from mmseg_sparsevit.ops.neighbourhood import Neighbourhood
+from mmseg_sparsevit.ops.sparse_attention import Backend
+
+from .layers import AttentionConfig, AttnMode, SparseViTBlock
+from .presets import GLOBAL_POOLS, GlobalPool, MlpKind, get_arch
+from .pruning import num_kept_tokens, prune_tokens
 from .weights import load_pretrained_weights
 
 GridHW = Tuple[int, int]
-FeatureOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Intermediate = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+class TokenFeatures(NamedTuple):
+    """Final tokens of ``SparseViT.forward_tokens``, with the grid positions of pruned patch tokens."""
+
+    tokens: torch.Tensor  # (B, G + K, C) after the final norm: [CLS, registers, K patch tokens in grid order]
+    grid_hw: GridHW  # patch grid (H, W) of the input
+    kept_index: Optional[torch.Tensor]  # (B, K) row-major grid positions of the patch tokens; None: no pruning
+
+
+def tokens_to_nchw(tokens: torch.Tensor, grid_hw: GridHW, num_prefix_tokens: int) -> torch.Tensor:
+    """Drop the CLS and register tokens of (B, G + H*W, C) and reshape the patches to (B, C, H, W)."""
+    H, W = grid_hw
+    patches = tokens[:, num_prefix_tokens:]
+    if patches.shape[1] != H * W:
+        raise ValueError(f'{patches.shape[1]} patch tokens do not fill grid {tuple(grid_hw)} '
+                         f'(tokens {tuple(tokens.shape)}, {num_prefix_tokens} prefix tokens)')
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, H, W).contiguous()
 
 
 class SparseViT(BaseModule):
     """Plain ViT backbone (UNI-2, UNI, Virchow2, ViT-S/B/L) for high-resolution inputs.
 
+    Methods follow timm's ``VisionTransformer`` plus mmseg's backbone contract: ``forward(x)`` NCHW maps at
+    ``out_indices``; ``forward_features(x)`` final tokens; ``forward_tokens(x)`` the same with the grid and
+    the kept positions of pruned tokens (``TokenFeatures``); ``pool(tokens)`` the tile embedding recipe;
+    ``forward_intermediates(x, indices, ...)``; ``prepare_tokens`` and ``forward_blocks`` for models that
+    run groups of blocks themselves (the ViT-Adapter).
+
     Args:
         arch: Preset name from ``ARCH_PRESETS`` (``'uni2-h'``, ``'uni'``, ``'virchow2'``, ``'vit-s'``, ...).
         img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, mlp_layer, init_values, reg_tokens,
-            no_embed_class: Override the preset (``None`` keeps it). ``img_size`` is the pretraining size
-            that ``pos_embed`` is stored for; inputs may have any size that is a multiple of the patch.
-        attn_mode: ``'dense'`` (all-to-all) or ``'sparse'`` (windowed, ``sparse_attention`` op).
-        window_size, neighbourhood, sparse_backend: Passed to ``sparse_attention`` in sparse mode.
+            no_embed_class, global_pool: Override the preset (``None`` keeps it). ``img_size`` is the
+            pretraining size that ``pos_embed`` is stored for; inputs may have any size that is a multiple
+            of the patch. ``global_pool`` is the embedding recipe of ``pool`` (see ``ViTArch``).
+        attn_mode: ``'dense'`` (all-to-all) or ``'sparse'`` (windowed, ``ops.SparseAttention``).
+        window_size, neighbourhood, sparse_backend: The sparse pattern and backend (``None``: automatic).
         fused_attn: Dense mode kernel: SDPA (True) or the explicit softmax(QK^T)V path (False, "vanilla").
+            The five attention arguments form one ``AttentionConfig``, checked here at build time.
         out_indices: Blocks whose outputs ``forward`` returns as NCHW maps (negative counts from the end).
         final_norm: Keep the final ``norm`` (timm features are normalised): it is applied to the map of
-            the last block and in ``extract_features``. False makes it ``nn.Identity`` and checkpoint
-            ``norm.*`` keys are ignored (e.g. the adapter, which reads tokens between blocks).
-        return_global_tokens: ``forward`` returns ``(map, global_tokens)`` pairs instead of maps.
-        token_pruning: Enable attention-guided token pruning in ``extract_features``.
+            the last block and to the tokens of ``forward_tokens`` / ``forward_features``. False makes it
+            ``nn.Identity`` and checkpoint ``norm.*`` keys are ignored (e.g. the adapter, which reads
+            tokens between blocks).
+        token_pruning: Attention-guided token pruning after block ``prune_after`` (``forward_tokens``,
+            ``forward_features``, NLC ``forward_intermediates``); NCHW maps exist only before it.
         prune_ratio: Fraction of patch tokens removed (``floor(ratio * M)``); used when pruning is on.
         prune_after: Prune after this many blocks (1-based, "after the 4th layer" is 4).
         drop_path_rate: Stochastic depth, linearly increasing over blocks as in timm.
@@ -68,14 +99,14 @@ class SparseViT(BaseModule):
             init_values: Optional[float] = None,
             reg_tokens: Optional[int] = None,
             no_embed_class: Optional[bool] = None,
+            global_pool: Optional[GlobalPool] = None,
             attn_mode: AttnMode = 'dense',
             window_size: int = 8,
-            neighbourhood: str = 'block',
-            sparse_backend: Optional[str] = None,
+            neighbourhood: Neighbourhood = 'block',
+            sparse_backend: Optional[Backend] = None,
             fused_attn: bool = True,
             out_indices: Union[int, Sequence[int]] = -1,
             final_norm: bool = True,
-            return_global_tokens: bool = False,
             token_pruning: bool = False,
             prune_ratio: float = 0.6,
             prune_after: int = 4,
@@ -93,7 +124,9 @@ class SparseViT(BaseModule):
         self.arch = get_arch(
             arch, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, mlp_layer=mlp_layer, init_values=init_values,
-            reg_tokens=reg_tokens, no_embed_class=no_embed_class)
+            reg_tokens=reg_tokens, no_embed_class=no_embed_class, global_pool=global_pool)
+        self.attn_cfg = AttentionConfig(attn_mode=attn_mode, window_size=window_size, neighbourhood=neighbourhood,
+                                        sparse_backend=sparse_backend, fused_attn=fused_attn)
         a = self.arch
         self.embed_dim = a.embed_dim
         self.depth = a.depth
@@ -102,9 +135,9 @@ class SparseViT(BaseModule):
         self.num_reg_tokens = a.reg_tokens
         self.num_prefix_tokens = a.num_prefix_tokens
         self.no_embed_class = a.no_embed_class
+        self.global_pool = a.global_pool
         self.attn_mode = attn_mode
         self.out_indices = self._resolve_out_indices(out_indices)
-        self.return_global_tokens = return_global_tokens
         self.token_pruning = token_pruning
         self.prune_ratio = prune_ratio
         self.prune_after = prune_after
@@ -124,13 +157,11 @@ class SparseViT(BaseModule):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, a.embed_dim))
         mlp_cls, act_cls = a.layers()
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, a.depth)
-        attn_kwargs = dict(attn_mode=attn_mode, window_size=window_size, neighbourhood=neighbourhood,
-                           fused_attn=fused_attn, sparse_backend=sparse_backend)
         self.blocks = nn.ModuleList([
             SparseViTBlock(
                 a.embed_dim, a.num_heads, self.num_prefix_tokens, mlp_ratio=a.mlp_ratio, qkv_bias=a.qkv_bias,
                 init_values=a.init_values, drop_path=drop_path_rates[i], mlp_layer=mlp_cls, act_layer=act_cls,
-                **attn_kwargs)
+                attn_cfg=self.attn_cfg)
             for i in range(a.depth)])
         self.norm = LayerNorm(a.embed_dim) if final_norm else nn.Identity()
         self._init_timm_weights()
@@ -213,77 +244,116 @@ class SparseViT(BaseModule):
             x = torch.cat(prefix + [x], dim=1) + pos_embed
         return x, (H, W)
 
-    def run_block(self, index: int, x: torch.Tensor, grid_hw: GridHW, patch_index: Optional[torch.Tensor] = None,
-                  return_global_attn: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Run ``blocks[index]``, checkpointed when gradient checkpointing is on and grads are needed."""
-        block = self.blocks[index]
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(
-                block, x, grid_hw, patch_index, return_global_attn, use_reentrant=False)
-        return block(x, grid_hw, patch_index, return_global_attn)
-
     def forward_blocks(self, x: torch.Tensor, grid_hw: GridHW, start: int = 0, end: Optional[int] = None,
                        patch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run ``blocks[start:end]`` on tokens from ``prepare_tokens`` (the adapter runs block groups)."""
+        """Run ``blocks[start:end]`` on tokens from ``prepare_tokens`` (the adapter runs block groups).
+
+        No pruning step here; ``patch_index`` (B, M) gives the grid positions of already pruned tokens.
+        """
         for index in range(start, self.depth if end is None else end):
-            x = self.run_block(index, x, grid_hw, patch_index)
+            x = self._run_block(index, x, grid_hw, patch_index)
         return x
 
-    def tokens_to_map(self, x: torch.Tensor, grid_hw: GridHW) -> torch.Tensor:
-        """Drop the CLS and register tokens of (B, G + H*W, C) and reshape the patches to (B, C, H, W)."""
-        H, W = grid_hw
-        patches = x[:, self.num_prefix_tokens:]
-        if patches.shape[1] != H * W:
-            raise ValueError(f'{patches.shape[1]} patch tokens do not fill grid {grid_hw} '
-                             f'(tokens {tuple(x.shape)}, {self.num_prefix_tokens} prefix tokens)')
-        return patches.transpose(1, 2).reshape(x.shape[0], -1, H, W).contiguous()
+    def _run_block(self, index: int, x: torch.Tensor, grid_hw: GridHW,
+                   patch_index: Optional[torch.Tensor]) -> torch.Tensor:
+        """``blocks[index]``, checkpointed when gradient checkpointing is on and gradients are needed."""
+        block = self.blocks[index]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, grid_hw, patch_index, use_reentrant=False)
+        return block(x, grid_hw, patch_index)
 
-    def forward(self, x: torch.Tensor, return_global_tokens: Optional[bool] = None) -> Tuple[FeatureOutput, ...]:
-        """NCHW feature maps (B, C, H/p, W/p) of the blocks in ``out_indices``.
+    def _run(self, x: torch.Tensor, grid_hw: GridHW, last: int,
+             take: Sequence[int] = ()) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
+        """Blocks ``0..last`` with the pruning step after block ``prune_after`` when pruning is on.
 
-        With ``return_global_tokens`` each entry is ``(map, global_tokens)`` with global tokens
-        (B, 1 + reg_tokens, C). Only blocks up to ``max(out_indices)`` run.
+        Returns the tokens after block ``last``, the kept grid positions (None without pruning) and the
+        outputs of the blocks in ``take`` (a block's own output, taken before the pruning step after it).
         """
-        if self.token_pruning and self.out_indices[-1] >= self.prune_after:
+        kept, patch_index, taken = None, None, []
+        for index in range(last + 1):
+            block_input = x
+            x = self._run_block(index, x, grid_hw, patch_index)
+            if index in take:
+                taken.append(x)
+            if self.token_pruning and index == self.prune_after - 1:
+                x, kept, patch_index = prune_tokens(
+                    self.blocks[index], block_input, x, self.prune_ratio, self.num_prefix_tokens)
+        return x, kept, taken
+
+    def _check_maps_exist(self, indices: Sequence[int]) -> None:
+        if self.token_pruning and max(indices) >= self.prune_after:
             raise ValueError(
-                f'token_pruning removes patch tokens after block {self.prune_after}, so dense feature maps of '
-                f'blocks {self.out_indices} do not exist; use extract_features() or token_pruning=False')
-        with_global = self.return_global_tokens if return_global_tokens is None else return_global_tokens
-        x, grid_hw = self.prepare_tokens(x)
-        outs = []
-        for index in range(self.out_indices[-1] + 1):
-            x = self.run_block(index, x, grid_hw)
-            if index in self.out_indices:
-                y = self.norm(x) if index == self.depth - 1 else x
-                feature_map = self.tokens_to_map(y, grid_hw)
-                outs.append((feature_map, y[:, :self.num_prefix_tokens]) if with_global else feature_map)
-        return tuple(outs)
+                f'token_pruning removes patch tokens after block {self.prune_after}, so NCHW feature maps of '
+                f'blocks {sorted(indices)} (0-based) do not exist; take blocks below {self.prune_after}, '
+                "tokens (forward_tokens, or forward_intermediates with output_fmt='NLC'), or token_pruning=False")
 
-    def forward_pruned(self, x: torch.Tensor, grid_hw: GridHW) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Blocks with token pruning after ``prune_after``; returns tokens (B, G + K, C) and kept (B, K)."""
-        num_patches = grid_hw[0] * grid_hw[1]
-        num_keep = num_kept_tokens(num_patches, self.prune_ratio)
-        batch_index = torch.arange(num_patches, device=x.device).expand(x.shape[0], -1)
-        if num_keep == num_patches:  # nothing to prune: the exact unpruned computation
-            return self.forward_blocks(x, grid_hw), batch_index
-        x = self.forward_blocks(x, grid_hw, 0, self.prune_after - 1)
-        x, global_attn = self.run_block(self.prune_after - 1, x, grid_hw, return_global_attn=True)
-        kept = select_kept_tokens(global_attn, num_keep)
-        x = gather_kept_tokens(x, kept, self.num_prefix_tokens)
-        return self.forward_blocks(x, grid_hw, self.prune_after, patch_index=kept), kept
+    def forward_tokens(self, x: torch.Tensor) -> TokenFeatures:
+        """All blocks (with the pruning step when ``token_pruning``) and the final norm, as ``TokenFeatures``."""
+        tokens, grid_hw = self.prepare_tokens(x)
+        tokens, kept, _ = self._run(tokens, grid_hw, self.depth - 1)
+        return TokenFeatures(self.norm(tokens), grid_hw, kept)
 
-    def extract_features(self, x: torch.Tensor) -> Dict[str, Union[torch.Tensor, GridHW, None]]:
-        """Image-level features after the final norm, with token pruning when enabled.
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features``: tokens (B, G + K, C) after the final norm (``forward_tokens(x).tokens``)."""
+        return self.forward_tokens(x).tokens
 
-        Returns ``cls`` (B, C), ``patch_mean`` (B, C) over the surviving patch tokens, ``kept_index``
-        (B, K) grid positions of the survivors in row-major order (None without pruning) and ``grid_hw``.
+    def pool(self, x: torch.Tensor, pool_type: Optional[GlobalPool] = None) -> torch.Tensor:
+        """Tile embedding from final tokens (B, G + K, C) by ``pool_type`` (default: the arch's ``global_pool``).
+
+        ``'token'``: CLS (B, C); ``'avg'``: mean of the patch tokens present (B, C); ``'token+avg'``: both
+        concatenated (B, 2C). Register tokens are never averaged.
         """
-        x, grid_hw = self.prepare_tokens(x)
-        kept = None
-        if self.token_pruning:
-            x, kept = self.forward_pruned(x, grid_hw)
-        else:
-            x = self.forward_blocks(x, grid_hw)
-        x = self.norm(x)
-        return dict(cls=x[:, 0], patch_mean=x[:, self.num_prefix_tokens:].mean(dim=1), kept_index=kept,
-                    grid_hw=grid_hw)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type not in GLOBAL_POOLS:
+            raise ValueError(f'pool_type must be one of {GLOBAL_POOLS}, got {pool_type!r}')
+        if pool_type == 'token':
+            return x[:, 0]
+        patch_mean = x[:, self.num_prefix_tokens:].mean(dim=1)
+        return patch_mean if pool_type == 'avg' else torch.cat([x[:, 0], patch_mean], dim=-1)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, Sequence[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: Literal['NCHW', 'NLC'] = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Intermediate], Tuple[torch.Tensor, List[Intermediate]]]:
+        """Outputs of the blocks in ``indices``, with the arguments and results of timm's method.
+
+        ``indices``: last n blocks (int), all (None) or these blocks (negative count from the end).
+        Intermediates are patch tokens, as NCHW maps or (B, M, C), paired with the prefix tokens
+        (B, G, C) when ``return_prefix_tokens``; ``norm`` applies the final norm to them. Unless
+        ``intermediates_only`` the final tokens (B, G + K, C) after the norm come first; ``stop_early``
+        runs only the blocks up to the last index. With ``token_pruning`` the blocks after
+        ``prune_after`` hold only the kept tokens, so they exist as NLC only (their grid positions:
+        ``forward_tokens``).
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(self.depth, indices)
+        if output_fmt == 'NCHW':
+            self._check_maps_exist(take)
+        tokens, grid_hw = self.prepare_tokens(x)
+        tokens, _, taken = self._run(tokens, grid_hw, last if stop_early else self.depth - 1, take)
+        G = self.num_prefix_tokens
+        intermediates: List[Intermediate] = []
+        for y in taken:
+            y = self.norm(y) if norm else y
+            patches = tokens_to_nchw(y, grid_hw, G) if output_fmt == 'NCHW' else y[:, G:]
+            intermediates.append((patches, y[:, :G]) if return_prefix_tokens else patches)
+        return intermediates if intermediates_only else (self.norm(tokens), intermediates)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """mmseg backbone contract: NCHW maps (B, C, H/p, W/p) of the blocks in ``out_indices``.
+
+        The final norm is applied to the map of the last block only (timm's normalised features);
+        only blocks up to ``max(out_indices)`` run.
+        """
+        self._check_maps_exist(self.out_indices)
+        tokens, grid_hw = self.prepare_tokens(x)
+        _, _, taken = self._run(tokens, grid_hw, self.out_indices[-1], self.out_indices)
+        return tuple(tokens_to_nchw(self.norm(y) if index == self.depth - 1 else y, grid_hw, self.num_prefix_tokens)
+                     for index, y in zip(self.out_indices, taken))
