@@ -165,3 +165,28 @@ def test_frozen_model_stays_frozen_after_loading(tmp_path: Path) -> None:
 def test_pretrained_and_init_cfg_are_exclusive() -> None:
     with pytest.raises(ValueError, match='not both'):
         SparseViT('vit-s', pretrained='a.bin', init_cfg=dict(type='Pretrained', checkpoint='a.bin'))
+
+
+def damaged(tmp_path: Path, name: str, kind: str) -> str:
+    """An empty, truncated (first half of a real checkpoint) or garbage weights file."""
+    path = tmp_path / name
+    if kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'garbage':
+        path.write_bytes(b'these bytes are not a checkpoint' * 8)
+    else:
+        write(timm_model('vit-s').state_dict(), path)
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize('kind', ['empty', 'truncated', 'garbage'])
+@pytest.mark.parametrize('name', ['pytorch_model.bin', 'model.safetensors'])
+def test_damaged_weights_file_error_names_the_file(tmp_path: Path, name: str, kind: str) -> None:
+    path = damaged(tmp_path, name, kind)
+    model = SparseViT('vit-s', **TINY, pretrained=path)
+    with pytest.raises(ValueError) as info:
+        model.init_weights()
+    message = str(info.value)
+    assert message.startswith(path) and 'cannot read weights' in message and 'download it again' in message
