@@ -177,3 +177,14 @@ def test_dense_and_sparse_rank_by_the_same_float32_rows() -> None:
     assert dense_rows.shape == (2, attn.num_heads, G, 64) and dense_rows.dtype == torch.bfloat16
     torch.testing.assert_close(dense_rows, probs.to(torch.bfloat16)[..., G:], atol=0, rtol=0)
     assert torch.equal(dense_rows, sparse_rows)
+
+
+@pytest.mark.parametrize('attn_mode', ['dense', 'sparse'])
+def test_pruned_model_trains(attn_mode: str) -> None:
+    """Gradients flow through the kept tokens to every parameter (the scores themselves only pick indices)."""
+    model = tiny_model(attn_mode=attn_mode, window_size=2, token_pruning=True, prune_after=1).train()
+    tokens = model.forward_features(torch.randn(2, 3, 6 * 14, 6 * 14))
+    assert tokens.shape == (2, model.num_prefix_tokens + 15, TINY['embed_dim'])
+    (tokens * torch.randn_like(tokens)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []

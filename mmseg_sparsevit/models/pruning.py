@@ -74,5 +74,6 @@ def prune_tokens(block: SparseViTBlock, block_input: torch.Tensor, block_output:
     if num_keep == num_patches:
         all_positions = torch.arange(num_patches, device=block_output.device).expand(batch, -1)
         return PrunedTokens(block_output, all_positions, None)
-    kept = select_kept_tokens(block.global_attention(block_input), num_keep)
+    with torch.no_grad():  # the scores only choose indices: no gradient flows through them, keep no graph
+        kept = select_kept_tokens(block.global_attention(block_input), num_keep)
     return PrunedTokens(gather_kept_tokens(block_output, kept, num_prefix_tokens), kept, kept)
