@@ -12,7 +12,7 @@ from mmengine.runner import Runner, load_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
 import mmseg_sparsevit  # noqa: F401  (registers the safe globals and the local loader)
-from mmseg_sparsevit.checkpoint import load_checkpoint_file
+from mmseg_sparsevit.checkpoint import CheckpointFileError, load_checkpoint_file
 
 
 class ToyModel(BaseModel):
@@ -124,6 +124,26 @@ def test_untrusted_pickle_is_refused_naming_the_file(tmp_path, payload_factory, 
     assert str(path) in str(info.value)
     assert expected in str(info.value)
     assert not marker.exists()
+
+
+DAMAGE = {'empty': lambda data: b'', 'truncated': lambda data: data[:len(data) // 2],
+          'garbage': lambda data: b'not a checkpoint\n' * 20, 'truncated_legacy': lambda data: data[:-16]}
+
+
+@pytest.mark.parametrize('kind, reason', [
+    ('empty', 'empty file (0 bytes)'),
+    ('truncated', 'truncated: a zip archive of'),
+    ('garbage', 'not a torch checkpoint'),
+    ('truncated_legacy', 'it may be damaged: RuntimeError'),
+])
+def test_damaged_checkpoint_names_the_file_and_the_damage(tmp_path, kind, reason):
+    path = tmp_path / f'{kind}.pth'
+    legacy = kind == 'truncated_legacy'  # torch's pre-zip format: only loading finds the damage
+    torch.save({'state_dict': {'w': torch.zeros(64)}}, path, _use_new_zipfile_serialization=not legacy)
+    path.write_bytes(DAMAGE[kind](path.read_bytes()))
+    with pytest.raises(CheckpointFileError) as info:
+        CheckpointLoader.load_checkpoint(str(path), map_location='cpu')  # the loader runners use
+    assert str(path) in str(info.value) and reason in str(info.value)
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):

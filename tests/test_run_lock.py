@@ -1,0 +1,84 @@
+"""One run per work dir / feature file: a live holder refuses a second run, a killed holder's lock is taken over."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmseg_sparsevit.engine import WORK_DIR_LOCK_NAME, RunLock, RunLockedError, locked_work_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_HOLDER = '''
+import sys, time
+from mmseg_sparsevit.engine import RunLock
+RunLock(sys.argv[1]).acquire()
+print('HELD', flush=True)
+time.sleep(120)
+'''
+
+
+@pytest.fixture
+def holder():
+    """Start a separate process that takes the lock at a path and sleeps; yields a start(path) function."""
+    procs = []
+
+    def start(path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, '-c', _HOLDER, str(path), '--extra-arg'], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == 'HELD'
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_live_holder_refuses_a_second_run_naming_it(tmp_path, holder):
+    path = tmp_path / 'work' / WORK_DIR_LOCK_NAME
+    proc = holder(path)
+    with pytest.raises(RunLockedError) as info:
+        RunLock(str(path), target=f'work dir {tmp_path / "work"}').acquire()
+    message = str(info.value)
+    assert f'work dir {tmp_path / "work"} is in use by another run' in message
+    assert f'pid {proc.pid} on {socket.gethostname()}, started ' in message
+    assert '--extra-arg' in message  # the holder's command line
+
+
+def test_lock_of_a_killed_run_is_taken_over(tmp_path, holder):
+    path = tmp_path / WORK_DIR_LOCK_NAME
+    proc = holder(path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(path.read_text())['pid'] == proc.pid  # the dead run's lock file is still there
+
+    lock = RunLock(str(path)).acquire()
+    assert json.loads(path.read_text())['pid'] == os.getpid()
+    assert lock.taken_over['pid'] == proc.pid
+    lock.release()
+    assert not path.exists()
+
+
+def test_lock_is_exclusive_within_one_process_and_free_after_release(tmp_path):
+    path = str(tmp_path / 'x.lock')
+    with RunLock(path):
+        with pytest.raises(RunLockedError, match=f'pid {os.getpid()}'):
+            RunLock(path).acquire()
+    with RunLock(path):  # released by the context manager
+        pass
+
+
+def test_locked_work_dir_holds_the_work_dir_lock(tmp_path):
+    with locked_work_dir(str(tmp_path)):
+        assert (tmp_path / WORK_DIR_LOCK_NAME).is_file()
+        with pytest.raises(RunLockedError, match=f'work dir {tmp_path}'):
+            with locked_work_dir(str(tmp_path)):
+                pass
+    assert not (tmp_path / WORK_DIR_LOCK_NAME).exists()
