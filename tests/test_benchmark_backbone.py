@@ -8,20 +8,18 @@ import importlib.util
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmseg_sparsevit.benchmark import (MODES, PRECISIONS, MeasureSettings, describe_precision, largest_fitting_side,
-                                       measure_point, mode_kwargs, write_reports)
+from mmseg_sparsevit.benchmark import MeasureSettings, largest_fitting_side, measure_point, write_reports
 from mmseg_sparsevit.benchmark import measure as measure_mod
 from mmseg_sparsevit.benchmark.worker import run_point
 from mmseg_sparsevit.classification import ExtractionConfig, build_backbone
 from mmseg_sparsevit.classification import sweep as sweep_lib
-from mmseg_sparsevit.classification.extraction import resolve_amp
 from mmseg_sparsevit.models import SparseViT
+from mmseg_sparsevit.models.modes import ATTENTION_MODES, PRECISIONS, Precision, describe_precision, mode_kwargs
 
 TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark_backbone.py'
 TINY = dict(arch='vit-s', embed_dim=32, depth=3, num_heads=2, patch_size=8, window_size=2, prune_ratio=0.5,
@@ -42,7 +40,7 @@ def point_spec(mode: str, precision: str = 'fp32', size: int = 32) -> dict:
                 repeats=1, warmup=1, mem_cap_gb=None)
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', list(ATTENTION_MODES))
 def test_each_mode_measures_positive_time_and_memory(mode):
     record = run_point(point_spec(mode))
     assert record['status'] == 'ok'
@@ -50,18 +48,9 @@ def test_each_mode_measures_positive_time_and_memory(mode):
     assert 0 <= record['forward_gb'] <= record['peak_gb']
 
 
-def test_mode_kwargs_keep_only_options_that_act():
-    assert 'window_size' not in mode_kwargs(TINY, 'sdpa') and 'prune_ratio' not in mode_kwargs(TINY, 'sparse')
-    pruned = mode_kwargs(TINY, 'sparse_pruned')
-    assert pruned['token_pruning'] and pruned['window_size'] == 2 and pruned['prune_after'] == 2
-    assert mode_kwargs(TINY, 'vanilla')['fused_attn'] is False
-    with pytest.raises(ValueError, match="mode must be one of .* got 'dense'"):
-        mode_kwargs(TINY, 'dense')
-
-
 def test_fresh_process_point_reports_its_precision():
     settings = MeasureSettings(precision='amp-bf16', repeats=1, warmup=1)
-    record = measure_point(mode_kwargs(TINY, 'sparse_pruned'), 32, settings, label='sparse_pruned')
+    record = measure_point(mode_kwargs(TINY, 'sparse+prune'), 32, settings, label='sparse+prune')
     assert record['status'] == 'ok', record
     assert record['precision'] == 'amp-bf16' and record['size'] == 32 and record['tokens'] == 16
     assert record['time_s'] > 0 and record['peak_gb'] > record['forward_gb'] > 0
@@ -75,17 +64,17 @@ def test_precision_sets_weight_dtype():
     assert describe_precision('bf16') == 'bf16 weights, no autocast'
 
 
-@pytest.mark.parametrize('amp', ['auto', 'fp32', 'bf16', 'fp16'])
-def test_sweep_measures_extraction_network_at_extraction_precision(amp, monkeypatch):
+@pytest.mark.parametrize('precision, autocast', [('auto', None), ('fp32', None), ('amp-bf16', torch.bfloat16),
+                                                 ('amp-fp16', torch.float16)])
+def test_sweep_measures_extraction_network_at_extraction_precision(precision, autocast, monkeypatch):
     calls = []
     monkeypatch.setattr(sweep_lib, 'measure_point', lambda *args: calls.append(args) or dict(status='ok'))
     cfg = ExtractionConfig(size=48, mode='sparse+prune', prune_ratio=0.5, prune_after=2, window_size=2, arch='vit-s',
                            arch_overrides=dict(embed_dim=32, depth=3, num_heads=2, patch_size=8, mlp_ratio=2.0))
-    sweep_lib.benchmark_measure('cpu', amp, batch_size=2, repeats=1)(cfg)
+    sweep_lib.benchmark_measure('cpu', precision, batch_size=2, repeats=1)(cfg)
     (kwargs, size, settings, label), = calls
     assert size == 48 and label == cfg.tag and settings.batch_size == 2 and settings.device == 'cpu'
-    amp_dtype = resolve_amp(amp, torch.device('cpu'))
-    assert PRECISIONS[settings.precision] == ('float32', amp_dtype and str(amp_dtype).replace('torch.', ''))
+    assert PRECISIONS[settings.precision] == Precision(torch.float32, autocast)  # 'auto' is fp32 on CPU
     assert kwargs['mlp_ratio'] == 2.0 and kwargs['token_pruning'] and kwargs['pretrained'] is None
     measured, extracted = SparseViT(**kwargs), build_backbone(cfg)
     assert {k: v.shape for k, v in measured.state_dict().items()} == {
@@ -163,23 +152,23 @@ def test_cli_tables_come_from_measured_records(tmp_path, monkeypatch):
     assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert data['precision'] == 'amp-bf16' and md.startswith('Precision: **amp-bf16** (fp32 weights, bf16 autocast)')
     rec = {(r['mode'], r['size']): r for r in data['records']}
-    assert set(rec) == {(m, s) for m in MODES for s in (32, 64)}
+    assert set(rec) == {(m, s) for m in ATTENTION_MODES for s in (32, 64)}
     assert all(r['status'] == 'ok' and r['precision'] == 'amp-bf16' for r in rec.values())
 
     main = table(md, 'Precision:')
-    for mode in MODES:
+    for mode in ATTENTION_MODES:
         assert float(main['64'][f'{mode} time s']) == pytest.approx(rec[mode, 64]['time_s'], abs=6e-4)
         assert float(main['32'][f'{mode} peak GB']) == pytest.approx(rec[mode, 32]['peak_gb'], abs=6e-3)
     for key, title in (('peak_gb', 'peak memory growth'), ('forward_gb', 'forward memory growth')):
         growth = table(md, title)
-        for mode in MODES:
+        for mode in ATTENTION_MODES:
             assert_ratio_cell(growth.get(mode, {}).get('32->64', '-'), rec[mode, 64][key], rec[mode, 32][key])
-    ratios = table(md, 'ratio to sdpa (time / forward memory):')
-    for mode in MODES:
+    ratios = table(md, 'ratio to dense (time / forward memory):')
+    for mode in ATTENTION_MODES:
         for size in (32, 64):
             time_cell, memory_cell = ratios[str(size)][mode].split(' / ')
-            assert_ratio_cell(time_cell, rec[mode, size]['time_s'], rec['sdpa', size]['time_s'])
-            assert_ratio_cell(memory_cell, rec[mode, size]['forward_gb'], rec['sdpa', size]['forward_gb'])
+            assert_ratio_cell(time_cell, rec[mode, size]['time_s'], rec['dense', size]['time_s'])
+            assert_ratio_cell(memory_cell, rec[mode, size]['forward_gb'], rec['dense', size]['forward_gb'])
 
 
 def test_cli_max_memory_search(tmp_path, monkeypatch):
@@ -191,13 +180,14 @@ def test_cli_max_memory_search(tmp_path, monkeypatch):
 
     monkeypatch.setattr(measure_mod, '_run_worker', fake_worker)
     out = tmp_path / 'search'
-    result = load_tool().main([*TINY_ARGS, '--modes', 'vanilla', 'sdpa', '--sizes', '32', '--max-memory', '0.01',
+    result = load_tool().main([*TINY_ARGS, '--modes', 'vanilla', 'dense', '--sizes', '32', '--max-memory', '0.01',
                                '--search-max-size', '512', '--out-dir', str(out)])
     data = json.loads((out / 'benchmark.json').read_text())
     assert data['largest_side_that_fits'] == result['largest_side_that_fits'] == dict(
-        vanilla=dict(largest_side=48, hit_search_max_size=False), sdpa=dict(largest_side=96, hit_search_max_size=False))
-    assert {(r['mode'], r['size']) for r in data['records']} >= {('vanilla', 48), ('vanilla', 56), ('sdpa', 104)}
-    assert re.search(r'^\| 104 \| 169 \|', (out / 'benchmark.md').read_text(), re.M)
+        vanilla=dict(largest_side=48, hit_search_max_size=False),
+        dense=dict(largest_side=96, hit_search_max_size=False))
+    assert {(r['mode'], r['size']) for r in data['records']} >= {('vanilla', 48), ('vanilla', 56), ('dense', 104)}
+    assert table((out / 'benchmark.md').read_text(), 'Precision:')['104']['tokens'] == '169'
 
 
 def test_reports_without_a_finished_point(tmp_path):
@@ -205,5 +195,6 @@ def test_reports_without_a_finished_point(tmp_path):
     records = [dict(mode='sparse', size=64, tokens=64, precision='fp32', status='over')]
     paths = write_reports(str(tmp_path), records, ['sparse'], [64], dict(precision='fp32', device='cpu', batch_size=1))
     assert json.loads(paths['json'].read_text())['records'] == records
-    assert '| 64 | 64 | over | over | over |' in paths['md'].read_text()
+    assert table(paths['md'].read_text(), 'Precision:') == {
+        '64': {'tokens': '64', 'sparse time s': 'over', 'sparse peak GB': 'over', 'sparse fwd GB': 'over'}}
     assert paths['png'].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

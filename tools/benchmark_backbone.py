@@ -1,8 +1,8 @@
 """Wall time and peak memory of a full SparseViT backbone forward, per attention mode and resolution.
 
-Modes, side by side in one run: ``vanilla`` (dense, explicit softmax(QK^T)V), ``sdpa`` (dense,
-``scaled_dot_product_attention``), ``sparse`` (windowed sparse attention) and ``sparse_pruned`` (sparse +
-token pruning). Each point runs in a fresh subprocess (``mmseg_sparsevit.benchmark``): CPU peak memory is
+Attention modes (``models.modes``), side by side in one run: ``vanilla`` (dense, explicit softmax(QK^T)V),
+``dense`` (``scaled_dot_product_attention``), ``sparse`` (windowed sparse attention) and ``sparse+prune``
+(sparse + token pruning). Each point runs in a fresh subprocess (``mmseg_sparsevit.benchmark``): CPU peak memory is
 that process's peak RSS, CUDA peak memory ``torch.cuda.max_memory_allocated``. ``--precision`` says how the
 forward runs (``amp-bf16``: fp32 weights under bf16 autocast, as feature extraction on CUDA; ``bf16``: the
 model cast to bf16); the outputs state it.
@@ -26,8 +26,9 @@ import torch
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 
-from mmseg_sparsevit.benchmark import (MODES, PRECISIONS, MeasureSettings, describe_precision, largest_fitting_side,
-                                       machine_info, measure_point, mode_kwargs, resolved_arch, write_reports)
+from mmseg_sparsevit.benchmark import (MeasureSettings, largest_fitting_side, machine_info, measure_point,
+                                       resolved_arch, write_reports)
+from mmseg_sparsevit.models.modes import ATTENTION_MODES, PRECISIONS, describe_precision, mode_kwargs
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -40,7 +41,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--model-args', nargs='+', action=DictAction, default={},
                         help='any other SparseViT arguments, KEY=VALUE (e.g. mlp_ratio=2 reg_tokens=4)')
     parser.add_argument('--sizes', type=int, nargs='+', default=[224, 448, 896, 1344], help='input sides (px)')
-    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
+    parser.add_argument('--modes', nargs='+', default=list(ATTENTION_MODES), choices=list(ATTENTION_MODES))
     parser.add_argument('--window-size', type=int, default=8)
     parser.add_argument('--prune-ratio', type=float, default=0.6)
     parser.add_argument('--prune-after', type=int, default=4, help='clipped to depth - 1')

@@ -22,6 +22,7 @@ from mmseg_sparsevit.classification.cli import (add_eval_args, add_extraction_ar
                                                 extract_kwargs)
 from mmseg_sparsevit.classification.dataset import load_samples
 from mmseg_sparsevit.classification.extraction import MODES
+from mmseg_sparsevit.models.modes import SPARSE_MODES
 from mmseg_sparsevit.classification.sweep import benchmark_measure, plan_runs, run_sweep, write_outputs
 
 
@@ -31,10 +32,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_eval_args(parser)
     parser.add_argument('--work-dir', required=True, help='features/, runs/, tables and plots go here')
     parser.add_argument('--sizes', type=int, nargs='+', required=True, help='input sides for table 1 (px)')
-    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='table 1 modes')
+    parser.add_argument('--modes', nargs='+', default=['dense', 'sparse', 'sparse+prune'], choices=MODES,
+                        help='table 1 modes')
     parser.add_argument('--prune-ratios', type=float, nargs='*', default=[], help='table 2 (sparse+prune)')
     parser.add_argument('--window-sizes', type=int, nargs='*', default=[], help='table 3')
-    parser.add_argument('--window-mode', default='sparse+prune', choices=MODES[1:], help='table 3 mode')
+    parser.add_argument('--window-mode', default='sparse+prune', choices=SPARSE_MODES, help='table 3 mode')
     parser.add_argument('--ablation-size', type=int, help='input side of tables 2 and 3 (default: largest size)')
     parser.add_argument('--measure-batch-size', type=int, default=1)
     parser.add_argument('--measure-repeats', type=int, default=3, help='timed forwards per point (median)')
@@ -47,7 +49,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, str]:
     samples, class_names = load_samples(args.data_root, args.ann_file)
     tables = plan_runs(base_config(args, args.sizes[0], args.modes[0]), args.sizes, args.modes,
                        args.prune_ratios, args.window_sizes, args.ablation_size, args.window_mode)
-    measure = benchmark_measure(args.device, args.amp, args.measure_batch_size, args.measure_repeats, args.mem_cap)
+    measure = benchmark_measure(args.device, args.precision, args.measure_batch_size, args.measure_repeats,
+                                args.mem_cap)
     records = run_sweep(tables, samples, class_names, args.work_dir, measure, extract_kwargs(args), eval_kwargs(args))
     written = write_outputs(tables, records, args.work_dir)
     print(Path(written['md']).read_text())

@@ -7,46 +7,18 @@ the forwards: the activations), ``weights_gb`` (parameters and buffers at the me
 median ``time_s`` per forward and the ``precision`` it was measured at.
 """
 import inspect
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from mmengine.logging import print_log
 
+from mmseg_sparsevit.models.modes import check_precision
 from mmseg_sparsevit.models.presets import ARCH_FIELDS, ViTArch, get_arch
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
+from .process import run_worker
+
 GB = 1024 ** 3
-# Attention modes of the benchmark: the SparseViT arguments that make each one.
-MODES: Dict[str, Dict[str, Any]] = {
-    'vanilla': dict(attn_mode='dense', fused_attn=False),
-    'sdpa': dict(attn_mode='dense', fused_attn=True),
-    'sparse': dict(attn_mode='sparse', token_pruning=False),
-    'sparse_pruned': dict(attn_mode='sparse', token_pruning=True),
-}
-# Precision name -> (dtype of weights and input, torch.autocast dtype or None). ``amp-*`` keeps fp32 weights
-# and autocasts the forward, as feature extraction does; ``bf16`` / ``fp16`` cast the model itself.
-PRECISIONS: Dict[str, Tuple[str, Optional[str]]] = {
-    'fp32': ('float32', None),
-    'amp-bf16': ('float32', 'bfloat16'),
-    'amp-fp16': ('float32', 'float16'),
-    'bf16': ('bfloat16', None),
-    'fp16': ('float16', None),
-}
-SPARSE_ONLY = ('window_size', 'neighbourhood', 'sparse_backend')
-PRUNING_ONLY = ('prune_ratio', 'prune_after')
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding mmseg_sparsevit/
-
-
-def describe_precision(precision: str) -> str:
-    """Human-readable precision, e.g. ``'fp32 weights, bf16 autocast'``, for tables and logs."""
-    weights, amp = PRECISIONS[precision]
-    short = dict(float32='fp32', bfloat16='bf16', float16='fp16')
-    return f'{short[weights]} weights, ' + (f'{short[amp]} autocast' if amp else 'no autocast')
 
 
 @dataclass(frozen=True)
@@ -62,8 +34,7 @@ class MeasureSettings:
     timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {self.precision!r}')
+        check_precision(self.precision)
         for name, least in (('batch_size', 1), ('repeats', 1), ('warmup', 0)):
             if getattr(self, name) < least:
                 raise ValueError(f'{name} must be >= {least}, got {getattr(self, name)}')
@@ -76,29 +47,14 @@ def resolved_arch(model_kwargs: Mapping[str, Any]) -> ViTArch:
     return get_arch(model_kwargs.get('arch', 'uni2-h'), **{k: v for k, v in model_kwargs.items() if k in ARCH_FIELDS})
 
 
-def mode_kwargs(base: Mapping[str, Any], mode: str) -> Dict[str, Any]:
-    """SparseViT kwargs for one benchmark mode: ``base`` plus the mode's switches, without the window /
-    pruning options where the mode does not use them (so the recorded config says what acted)."""
-    if mode not in MODES:
-        raise ValueError(f'mode must be one of {list(MODES)}, got {mode!r}')
-    kwargs = dict(base, **MODES[mode])
-    unused = ((() if kwargs['attn_mode'] == 'sparse' else SPARSE_ONLY)
-              + (() if kwargs.get('token_pruning') else PRUNING_ONLY))
-    return {k: v for k, v in kwargs.items() if k not in unused}
-
-
 def _run_worker(spec: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
-    """Run :mod:`.worker` on ``spec`` in a fresh interpreter; its last JSON line, or a timeout / error record."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (_PACKAGE_ROOT, os.environ.get('PYTHONPATH')))))
-    cmd = [sys.executable, '-m', 'mmseg_sparsevit.benchmark.worker', json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
+    """Run :mod:`.worker` on ``spec`` in a fresh interpreter; its record, or a timeout / error record."""
+    run = run_worker('mmseg_sparsevit.benchmark.worker', spec, timeout_s)
+    if run.returncode is None:
         return dict(status='timeout')
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
-    record = json.loads(lines[-1]) if lines else {}
-    if not lines or (proc.returncode != 0 and record.get('status') != 'over'):
-        record.update(status='error', error=proc.stderr.strip().splitlines()[-1:] or [f'rc={proc.returncode}'])
+    record = run.record or {}
+    if run.record is None or (run.returncode != 0 and record.get('status') != 'over'):
+        record.update(status='error', error=[run.tail])
     return record
 
 

@@ -9,7 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .measure import describe_precision
+from mmseg_sparsevit.models.modes import describe_precision
+from mmseg_sparsevit.utils.markdown import markdown_table
 
 Record = Dict[str, Any]
 
@@ -50,34 +51,29 @@ def markdown(records: Sequence[Record], modes: Sequence[str], sizes: Sequence[in
     """Precision line, side-by-side table (time, peak, forward memory per mode), growth and ratio tables,
     and the run's settings as JSON."""
     by = {(r['mode'], r['size']): r for r in records}
-    lines = [f"Precision: **{header['precision']}** ({describe_precision(header['precision'])}), device "
-             f"{header['device']}, batch {header['batch_size']}.", '',
-             '| px | tokens | ' + ' | '.join(f'{m} time s | {m} peak GB | {m} fwd GB' for m in modes) + ' |',
-             '|---|---|' + '---|---|---|' * len(modes)]
+    rows = []
     for size in sizes:
         cells = []
         for mode in modes:
             r = by.get((mode, size), dict(status='-'))
             cells += ([f"{r['time_s']:.3f}", f"{r['peak_gb']:.2f}", f"{r['forward_gb']:.2f}"]
                       if r['status'] == 'ok' else [r['status']] * 3)
-        tokens = next((r['tokens'] for r in records if r['size'] == size), '')
-        lines.append(f'| {size} | {tokens} | ' + ' | '.join(cells) + ' |')
+        rows.append([size, next((r['tokens'] for r in records if r['size'] == size), ''), *cells])
+    columns = ['px', 'tokens'] + [f'{m} {what}' for m in modes for what in ('time s', 'peak GB', 'fwd GB')]
+    lines = [f"Precision: **{header['precision']}** ({describe_precision(header['precision'])}), device "
+             f"{header['device']}, batch {header['batch_size']}.", '', markdown_table(columns, rows)]
     for key, title in (('peak_gb', 'peak'), ('forward_gb', 'forward')):
         growth = growth_ratios(records, key)
         if growth:
             pairs = sorted({p for g in growth.values() for p in g}, key=lambda p: int(p.split('->')[0]))
             lines += ['', f'{title} memory growth when the token count grows 4x:', '',
-                      '| mode | ' + ' | '.join(pairs) + ' |', '|---|' + '---|' * len(pairs)]
-            lines += [f'| {m} | ' + ' | '.join(_fmt(growth[m].get(p), 'x') for p in pairs) + ' |'
-                      for m in modes if m in growth]
-    ref = 'sdpa' if 'sdpa' in modes else modes[0]
+                      markdown_table(['mode', *pairs], [[m, *(_fmt(growth[m].get(p), 'x') for p in pairs)]
+                                                        for m in modes if m in growth])]
+    ref = 'dense' if 'dense' in modes else modes[0]
     ratios = mode_ratios(records, ref)
-    lines += ['', f'ratio to {ref} (time / forward memory):', '',
-              '| px | ' + ' | '.join(modes) + ' |', '|---|' + '---|' * len(modes)]
-    for size in sizes:
-        cells = [ratios.get(mode, {}).get(size) for mode in modes]
-        lines.append(f'| {size} | ' + ' | '.join(f"{_fmt(c['time'])} / {_fmt(c['forward'])}" if c else '-'
-                                                 for c in cells) + ' |')
+    rows = [[size, *(f"{_fmt(c['time'])} / {_fmt(c['forward'])}" if c else '-'
+                     for c in (ratios.get(mode, {}).get(size) for mode in modes))] for size in sizes]
+    lines += ['', f'ratio to {ref} (time / forward memory):', '', markdown_table(['px', *modes], rows)]
     lines += ['', '```', json.dumps(header, indent=1), '```']
     return '\n'.join(lines) + '\n'
 

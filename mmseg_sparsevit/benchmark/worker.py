@@ -6,7 +6,6 @@ the JSON record. On CUDA the peak is ``torch.cuda.max_memory_allocated``.
 """
 import json
 import os
-import resource
 import statistics
 import sys
 import threading
@@ -15,24 +14,17 @@ from typing import Any, Dict
 
 import torch
 
+from mmseg_sparsevit.models.modes import PRECISIONS, autocast
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
-from .measure import GB, PRECISIONS
-
-
-def _current_rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from .measure import GB
+from .process import current_rss_bytes, max_rss_bytes
 
 
 def _rss_watchdog(limit_bytes: int) -> None:
     """Stop this process as soon as its resident set exceeds the cap, before the machine starts to swap."""
     while True:
-        rss = _current_rss_bytes()
+        rss = current_rss_bytes()
         if rss > limit_bytes:
             print(json.dumps(dict(status='over', peak_gb=rss / GB)), flush=True)
             os._exit(3)
@@ -55,22 +47,20 @@ def run_point(spec: Dict[str, Any]) -> Dict[str, Any]:
     if cap and cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GB / total))
-    weight_name, amp_name = PRECISIONS[spec['precision']]
-    dtype = getattr(torch, weight_name)
+    dtype = PRECISIONS[spec['precision']].weights
     model = SparseViT(**spec['model']).eval().to(device=device, dtype=dtype)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     x = torch.randn(spec['batch_size'], 3, size, size, device=device, dtype=dtype)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, amp_name or 'float32'), enabled=amp_name is not None)
 
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = _current_rss_bytes()
+        before = current_rss_bytes()
     times = []
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(spec['precision'], device.type):
             for i in range(spec['warmup'] + spec['repeats']):
                 start = time.perf_counter()
                 model.forward_features(x)
@@ -81,7 +71,7 @@ def run_point(spec: Dict[str, Any]) -> Dict[str, Any]:
     except torch.OutOfMemoryError:
         return dict(status='over')
     # The kernel's RSS counters are synchronised lazily, so ru_maxrss can trail the current RSS a little.
-    peak = torch.cuda.max_memory_allocated(device) if cuda else max(_max_rss_bytes(), _current_rss_bytes(), before)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else max(max_rss_bytes(), current_rss_bytes(), before)
     status = 'over' if cap and peak > cap * GB else 'ok'
     return dict(status=status, time_s=statistics.median(times), peak_gb=peak / GB, forward_gb=(peak - before) / GB,
                 weights_gb=weights / GB)

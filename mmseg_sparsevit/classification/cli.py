@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 
 from .dataset import RESIZE_MODES
-from .extraction import AMP_MODES, ExtractionConfig
+from .extraction import EXTRACTION_PRECISIONS, ExtractionConfig
 from .probing import DEFAULT_C_GRID, FEATURE_KINDS, KNN_K
 
 ARCH_OVERRIDES = ('patch_size', 'depth', 'embed_dim', 'num_heads')
@@ -42,8 +42,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--batch-size', type=int, default=8)
     group.add_argument('--num-workers', type=int, default=4, help='data loader worker processes')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    group.add_argument('--amp', default='auto', choices=AMP_MODES,
-                       help='autocast dtype; auto = bf16 (fp16 if unsupported) on CUDA, fp32 on CPU')
+    group.add_argument('--precision', default='auto', choices=EXTRACTION_PRECISIONS,
+                       help='fp32 weights, autocast dtype amp-*; auto = amp-bf16 (amp-fp16 if unsupported) on CUDA, '
+                       'fp32 on CPU')
     group.add_argument('--overwrite', action='store_true', help='discard existing or unfinished results')
 
 
@@ -74,7 +75,7 @@ def base_config(args: argparse.Namespace, size: int, mode: str) -> ExtractionCon
 
 
 def extract_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, amp=args.amp,
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
                 overwrite=args.overwrite)
 
 

@@ -20,10 +20,11 @@ import torch
 from mmengine.logging import print_log
 
 from mmseg_sparsevit.benchmark import MeasureSettings, measure_point
+from mmseg_sparsevit.models.modes import SPARSE_MODES, is_pruned, is_sparse
 from mmseg_sparsevit.utils.markdown import markdown_table
 
 from .dataset import Sample
-from .extraction import MODES, AmpMode, ExtractionConfig, extract_features, resolve_amp
+from .extraction import MODES, ExtractionConfig, extract_features, resolve_extraction_precision
 from .feature_store import load_features
 from .probing import METRIC_NAMES, evaluate_features
 
@@ -32,8 +33,6 @@ TABLES = ('resolution', 'prune_ratio', 'window_size')
 TABLE_TITLES = dict(resolution='Table 1: input size x attention mode', prune_ratio='Table 2: pruning ratio',
                     window_size='Table 3: window size')
 PROBES = ('linear_probe', 'knn')
-# Benchmark precision that reproduces extraction's numerics: fp32 weights, autocast to the amp dtype.
-AMP_PRECISIONS = {None: 'fp32', torch.bfloat16: 'amp-bf16', torch.float16: 'amp-fp16'}
 
 
 def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str],
@@ -42,8 +41,8 @@ def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str]
               window_mode: str = 'sparse+prune') -> Dict[str, List[ExtractionConfig]]:
     """Configs per table; ``base`` gives the model, defaults (prune ratio, window) and resize mode."""
     bad = [m for m in modes if m not in MODES]
-    if bad or window_mode not in MODES[1:]:
-        raise ValueError(f'modes must be from {MODES} and window_mode from {MODES[1:]}, got {list(modes)}, '
+    if bad or window_mode not in SPARSE_MODES:
+        raise ValueError(f'modes must be from {MODES} and window_mode from {SPARSE_MODES}, got {list(modes)}, '
                          f'{window_mode!r}')
     size = ablation_size or max(sizes)
     replace = dataclasses.replace
@@ -53,15 +52,15 @@ def plan_runs(base: ExtractionConfig, sizes: Sequence[int], modes: Sequence[str]
         window_size=[replace(base, size=size, mode=window_mode, window_size=w) for w in window_sizes])
 
 
-def benchmark_measure(device: str, amp: AmpMode = 'auto', batch_size: int = 1, repeats: int = 3,
+def benchmark_measure(device: str, precision: str = 'auto', batch_size: int = 1, repeats: int = 3,
                       mem_cap_gb: Optional[float] = None) -> Measure:
     """``cfg -> record``: time and peak memory of the network ``cfg`` extracts with, one fresh process each.
 
     The model gets all of ``cfg.backbone_kwargs()`` and runs as extraction does (fp32 weights under
-    ``torch.autocast`` to the dtype ``amp`` resolves to on ``device``), but with random weights: their values
+    ``torch.autocast`` to what ``precision`` resolves to on ``device``), but with random weights: their values
     change neither time nor memory, and loading a checkpoint would add its transient copy to the CPU peak.
     """
-    settings = MeasureSettings(device=device, precision=AMP_PRECISIONS[resolve_amp(amp, torch.device(device))],
+    settings = MeasureSettings(device=device, precision=resolve_extraction_precision(precision, torch.device(device)),
                                batch_size=batch_size, repeats=repeats, mem_cap_gb=mem_cap_gb)
 
     def measure(cfg: ExtractionConfig) -> Dict[str, Any]:
@@ -120,8 +119,8 @@ def table_rows(configs: Sequence[ExtractionConfig], records: Dict[str, Dict[str,
     for cfg in configs:
         rec = records[cfg.tag]
         row: Dict[str, Any] = dict(tag=cfg.tag, size=cfg.size, mode=cfg.mode, status=rec['status'],
-                                   prune_ratio=cfg.prune_ratio if cfg.mode == 'sparse+prune' else 0.0,
-                                   window_size=cfg.window_size if cfg.mode != 'dense' else '',
+                                   prune_ratio=cfg.prune_ratio if is_pruned(cfg.mode) else 0.0,
+                                   window_size=cfg.window_size if is_sparse(cfg.mode) else '',
                                    num_kept=rec.get('num_kept', ''))
         evaluation = rec.get('evaluation', {})
         for probe in PROBES:
