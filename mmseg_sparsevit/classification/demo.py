@@ -1,6 +1,6 @@
 """Deterministic synthetic classification tiles (PANDA-like layout) for tests and CPU demos.
 
-Three classes on an H&E-like pink background, each with its own texture and colour: ``stripes``
+Three classes on an H&E-like pink background (``utils.he_tiles``), each with its own texture and colour: ``stripes``
 (purple fibres at a random angle), ``nuclei`` (many small dark dots) and ``glands`` (a few large pale
 rings), so that even weak features separate them and a linear probe beats chance. Tiles have random,
 non-square sizes so the resize modes are exercised. Same seed, same bytes.
@@ -13,21 +13,17 @@ from typing import Dict, Literal, Sequence, Tuple
 import cv2
 import numpy as np
 
+from mmseg_sparsevit.utils.he_tiles import add_noise, flat_background, jitter
+
 from .dataset import SPLITS
 
 DEMO_CLASSES = ('stripes', 'nuclei', 'glands')
 DemoLayout = Literal['csv', 'folders']
-_BACKGROUND = (236, 176, 206)
-
-
-def _jitter(rng: np.random.Generator, color: Tuple[int, int, int], amount: int = 15) -> Tuple[int, ...]:
-    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 
 def draw_demo_tile(class_name: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """One HWC uint8 RGB tile of ``class_name`` (one of ``DEMO_CLASSES``)."""
-    img = np.empty((height, width, 3), np.uint8)
-    img[:] = _jitter(rng, _BACKGROUND)
+    img = flat_background(height, width, rng)
     scale = min(height, width) / 64
     if class_name == 'stripes':
         angle = rng.uniform(0, np.pi)
@@ -37,22 +33,21 @@ def draw_demo_tile(class_name: str, height: int, width: int, rng: np.random.Gene
         for offset in np.arange(-length / 2, length / 2, max(4.0, 7 * scale)):
             centre = np.array([width / 2, height / 2]) + offset * normal
             p0, p1 = (centre - length * direction).astype(int), (centre + length * direction).astype(int)
-            cv2.line(img, tuple(map(int, p0)), tuple(map(int, p1)), _jitter(rng, (150, 60, 150)),
+            cv2.line(img, tuple(map(int, p0)), tuple(map(int, p1)), jitter(rng, (150, 60, 150), 15),
                      max(1, int(2 * scale)))
     elif class_name == 'nuclei':
         for _ in range(int(rng.integers(25, 40) * scale ** 2)):
             centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-            cv2.circle(img, centre, max(1, int(rng.integers(2, 4) * scale)), _jitter(rng, (60, 30, 110)), -1)
+            cv2.circle(img, centre, max(1, int(rng.integers(2, 4) * scale)), jitter(rng, (60, 30, 110), 15), -1)
     elif class_name == 'glands':
         for _ in range(int(rng.integers(2, 4))):
             centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
             radius = max(3, int(rng.integers(8, 14) * scale))
-            cv2.circle(img, centre, radius, _jitter(rng, (250, 240, 245)), -1)
-            cv2.circle(img, centre, radius, _jitter(rng, (200, 70, 120)), max(1, int(3 * scale)))
+            cv2.circle(img, centre, radius, jitter(rng, (250, 240, 245), 15), -1)
+            cv2.circle(img, centre, radius, jitter(rng, (200, 70, 120), 15), max(1, int(3 * scale)))
     else:
         raise ValueError(f'unknown demo class {class_name!r}; expected one of {DEMO_CLASSES}')
-    noise = rng.normal(0, 6, img.shape)
-    return np.clip(img + noise, 0, 255).astype(np.uint8)
+    return add_noise(img, rng, 6)
 
 
 def make_demo_classification(out_dir: str, counts: Sequence[int] = (8, 4, 4), size_range: Tuple[int, int] = (40, 64),
