@@ -17,11 +17,11 @@ run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run "$PY" -m pytest -q -rs tests/test_sparse_attention_cuda.py
 # The op at UNI-2 shapes (24 heads x 64, 9 global tokens): 1344 px and 3430 px / patch 14.
 run "$PY" tools/benchmark_attention.py --device cuda --heads 24 --head-dim 64 --num-global 9 \
-    --grids 96x96 245x245 --methods dense_sdpa gather flex --keep 1.0 0.4 --json "$OUT/attention.json"
+    --grids 96x96 245x245 --methods dense gather flex --keep 1.0 0.4 --json "$OUT/attention.json"
 # Full UNI-2 backbone, paper resolutions (table 1), bf16 autocast as in feature extraction.
 run "$PY" tools/benchmark_backbone.py --arch uni2-h --device cuda --precision amp-bf16 --repeats 3 --warmup 1 \
-    --sizes 224 448 896 1344 --modes vanilla sdpa sparse sparse_pruned --out-dir "$OUT/uni2_backbone"
+    --sizes 224 448 896 1344 --modes vanilla dense sparse sparse+prune --out-dir "$OUT/uni2_backbone"
 # Largest input that fits in 80 GB per mode (the paper: dense 1400 px, sparse + pruning 3430 px).
 run "$PY" tools/benchmark_backbone.py --arch uni2-h --device cuda --precision amp-bf16 --repeats 1 --warmup 1 \
-    --sizes 1344 --modes vanilla sparse_pruned --max-memory 80 --search-max-size 3500 --out-dir "$OUT/uni2_max"
+    --sizes 1344 --modes vanilla sparse+prune --max-memory 80 --search-max-size 3500 --out-dir "$OUT/uni2_max"
 exit $status
