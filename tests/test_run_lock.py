@@ -82,3 +82,13 @@ def test_locked_work_dir_holds_the_work_dir_lock(tmp_path):
             with locked_work_dir(str(tmp_path)):
                 pass
     assert not (tmp_path / WORK_DIR_LOCK_NAME).exists()
+
+
+def test_second_feature_extraction_into_one_file_refuses(tmp_path):
+    from mmseg_sparsevit.classification import ExtractionConfig, extract_features
+
+    out = tmp_path / 'features.npz'
+    with RunLock(f'{out}.lock'):  # an extraction into `out` is running
+        with pytest.raises(RunLockedError, match=f'feature file {out} is in use by another run'):
+            extract_features(ExtractionConfig(size=32), [], [], str(out), overwrite=True)
+    assert os.listdir(tmp_path) == []
