@@ -1,6 +1,6 @@
 """The sparse attention backends on CUDA (compiled flex trains there) against the dense reference.
 
-Skipped on machines without a GPU; the same comparisons run on CPU in test_sparse_attention.py.
+Skipped on machines without a GPU; the same comparisons run on CPU in tests/ops/.
 """
 import pytest
 import torch
@@ -10,7 +10,7 @@ from mmseg_sparsevit.ops import sparse_attention, sparse_attention_reference
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 
-@pytest.mark.parametrize('backend', ['gather', 'flex'])
+@pytest.mark.parametrize('backend', ['gather', 'flex', None])  # None: the measured choice
 @pytest.mark.parametrize('grid_hw, num_global, window_size, keep', [
     ((24, 20), 9, 8, 1.0),    # partial blocks, registers
     ((17, 23), 1, 4, 0.4),    # odd grid, pruned

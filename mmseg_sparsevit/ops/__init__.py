@@ -1,12 +1,14 @@
 """Windowed sparse attention (torch only; importing this never pulls in mmseg or mmcv)."""
-from .backends.flex import set_flex_compile_cap
+from .checks import NEIGHBOURHOODS
+from .context import reset, set_attention_backend, set_flex_compile_cap
+from .dispatch import backend_candidates
 from .global_attention import global_attention_probs
 from .neighbourhood import TileLayout, tile_layout, window_bounds
 from .reference import neighbourhood_mask, sparse_attention_reference
-from .sparse_attention import SparseAttention, select_backend, set_attention_backend, sparse_attention
+from .sparse_attention import BACKENDS, SparseAttention, sparse_attention
 
 __all__ = [
-    'SparseAttention', 'TileLayout', 'global_attention_probs', 'neighbourhood_mask', 'select_backend',
-    'set_attention_backend', 'set_flex_compile_cap', 'sparse_attention', 'sparse_attention_reference', 'tile_layout',
-    'window_bounds'
+    'BACKENDS', 'NEIGHBOURHOODS', 'SparseAttention', 'TileLayout', 'backend_candidates', 'global_attention_probs',
+    'neighbourhood_mask', 'reset', 'set_attention_backend', 'set_flex_compile_cap', 'sparse_attention',
+    'sparse_attention_reference', 'tile_layout', 'window_bounds'
 ]

@@ -12,7 +12,7 @@ from torch import Tensor
 NEIGHBOURHOODS = ('block', 'sliding')
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}')
 
@@ -32,7 +32,7 @@ def check_args(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_gl
     if (not isinstance(grid_hw, (tuple, list)) or len(grid_hw) != 2
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in grid_hw)):
         raise ValueError(f'grid_hw must be a pair of positive ints (H, W), got {grid_hw!r}')
-    _check_int('window_size', window_size, 1)
+    check_int('window_size', window_size, 1)
     check_neighbourhood(neighbourhood)
     _check_global_and_scale(q, num_global, scale)
 
@@ -81,7 +81,7 @@ def _check_same_dtype_device(*tensors: Tensor) -> None:
 
 
 def _check_global_and_scale(q: Tensor, num_global: int, scale: Optional[float]) -> None:
-    _check_int('num_global', num_global, 0)
+    check_int('num_global', num_global, 0)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f'scale must be None or a finite number, got {scale!r}')

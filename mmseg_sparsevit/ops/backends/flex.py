@@ -7,7 +7,7 @@ the compiled kernel skip all far-away key blocks; ``mask_mod`` makes the kept bl
 query rows are computed densely beside it (G rows), which also yields their attention probabilities.
 """
 import inspect
-import os
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,7 +16,9 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from ..context import FLEX_COMPILE_CAP_ENV, context, log_once
 from ..neighbourhood import Neighbourhood, TileLayout, tile_layout, tile_query_bounds, window_bounds
+from .base import AttentionBackend, BackendRefusedError
 from .global_rows import global_rows
 
 try:
@@ -25,51 +27,18 @@ except ImportError:  # torch < 2.5
     BlockMask = flex_attention = None
 
 FLEX_BLOCK_SIZE = 64  # kernel block; 64 matches an 8 x 8 tile, the paper's window
-FLEX_MIN_TOKENS_CPU = 4096  # smaller CPU inputs: the 10-30 s compile outweighs the gain over gather
-# Eager (uncompiled) flex materialises every score, about 12 bytes each on CPU: up to 2**22 scores
-# (~50 MiB) a requested flex may run uncompiled when it cannot be compiled; bigger inputs raise.
-FLEX_EAGER_MAX_SCORES = 2**22
-FLEX_COMPILE_CAP_ENV = 'SPARSEVIT_FLEX_COMPILE_CAP'
-FLEX_DEFAULT_COMPILE_CAP = 8  # graphs, like dynamo's default recompile_limit
 # torch.compile arguments the compile cap needs (torch 2.14 has them; without them flex is not used)
 _CAPPED_COMPILE = {'recompile_limit', 'isolate_recompiles'} <= set(
     inspect.signature(torch.compile).parameters)
-_compile_cap: Optional[int] = None  # set_flex_compile_cap; None: environment variable or default
-_compiled: Optional[tuple[int, Callable]] = None  # (cap, compiled flex_attention) of the current region
-_refused: set[tuple] = set()  # input signatures dynamo refused at the cap: later calls skip the attempt
-failure: Optional[str] = None  # set by the dispatcher when an automatic flex call raised
-_block_mask_cache: dict[tuple, 'BlockMask'] = {}
 
 
-class FlexNotCompiledError(RuntimeError):
+class FlexNotCompiledError(BackendRefusedError):
     """Compiled flex cannot take this input (compile cap reached, or torch.compile would skip it), and
     calling it anyway would run FlexAttention eagerly, materialising ``num_scores`` scores."""
 
     def __init__(self, reason: str, num_scores: int) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.num_scores = num_scores
-
-
-def set_flex_compile_cap(cap: Optional[int]) -> None:
-    """Allow compiled flex at most ``cap`` compiled graphs per process (None: the environment variable
-    ``SPARSEVIT_FLEX_COMPILE_CAP``, else 8).  Past the cap dynamo would run flex eagerly, which is
-    O(N^2) in memory, so new input shapes go to gather instead.  Changing the cap starts a fresh compile
-    region: shapes compiled before are compiled again (from inductor's disk cache)."""
-    global _compile_cap
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
-        raise ValueError(f'cap must be None or an int >= 0, got {cap!r}')
-    _compile_cap = cap
-
-
-def compile_cap() -> int:
-    """The cap in force: ``set_flex_compile_cap``, then the environment variable, then the default."""
-    if _compile_cap is not None:
-        return _compile_cap
-    value = os.environ.get(FLEX_COMPILE_CAP_ENV) or str(FLEX_DEFAULT_COMPILE_CAP)
-    if not value.isdigit():
-        raise ValueError(f'environment variable {FLEX_COMPILE_CAP_ENV} must be an int >= 0, got {value!r}')
-    return int(value)
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool,
@@ -82,17 +51,24 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool,
         return 'torch has no flex_attention'
     if not _CAPPED_COMPILE:
         return 'torch.compile takes no recompile_limit / isolate_recompiles (torch too old)'
-    if automatic and failure is not None:
-        return failure
     if q.device.type not in ('cpu', 'cuda'):
         return f'device type {q.device.type!r} unsupported'
     if q.device.type == 'cpu':
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return 'needs no grad on CPU (no CPU backward kernel)'
         num_slots = q.shape[2] if num_slots is None else num_slots
-        if automatic and num_slots < FLEX_MIN_TOKENS_CPU:
-            return f'{num_slots} tokens < {FLEX_MIN_TOKENS_CPU} on CPU, compile time not repaid'
+        if automatic and num_slots < context.flex_min_tokens_cpu:
+            return f'{num_slots} tokens < {context.flex_min_tokens_cpu} on CPU, compile time not repaid'
     return None
+
+
+def compile_failures() -> tuple[type[BaseException], ...]:
+    """Errors meaning torch.compile cannot build the flex kernel in this process: inductor or its C++ /
+    Triton toolchain failed (dynamo wraps them in ``BackendCompilerFailed``, of which ``InductorError`` is
+    a subclass).  Imported when an error is raised: importing dynamo takes seconds."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError, GPUTooOldForTriton, InvalidCxxCompiler, TritonMissing
+    return BackendCompilerFailed, InvalidCxxCompiler, CppCompileError, TritonMissing, GPUTooOldForTriton
 
 
 @dataclass
@@ -185,11 +161,12 @@ def _kv_blocks(pairs: Tensor) -> tuple[Tensor, Tensor]:
 
 def _block_mask(layout: TileLayout, num_global: int, window_size: int, neighbourhood: Neighbourhood,
                 kv_present: Tensor, pruned: bool) -> 'BlockMask':
-    """Block mask for this call.  Without pruning it is cached per (grid, G, window, pattern, device)
-    and marks fully visible block pairs, so interior tiles run without ``mask_mod``."""
+    """Block mask for this call.  Without pruning it is cached (``context.block_masks``, least recently
+    used dropped) per (grid, G, window, pattern, device) and marks fully visible block pairs, so interior
+    tiles run without ``mask_mod``."""
     key = (layout.grid_hw, num_global, window_size, neighbourhood, kv_present.device)
-    if not pruned and key in _block_mask_cache:
-        return _block_mask_cache[key]
+    if not pruned and key in context.block_masks:
+        return context.block_masks.get(key)
     structure = _structure(layout, num_global, window_size, neighbourhood)
     mask_mod = _mask_mod(structure, kv_present)
     seq_lengths = (structure.num_slots, kv_present.shape[1])
@@ -199,7 +176,7 @@ def _block_mask(layout: TileLayout, num_global: int, window_size: int, neighbour
                                           BLOCK_SIZE=FLEX_BLOCK_SIZE, mask_mod=mask_mod,
                                           seq_lengths=seq_lengths)
     if not pruned:
-        _block_mask_cache[key] = block_mask
+        context.block_masks.put(key, block_mask)
     return block_mask
 
 
@@ -216,12 +193,13 @@ def _compiled_flex(cap: int) -> Callable:
     break, instead of running flex eagerly.  ``dynamic=False``: one static graph per input shape; on
     CPU in torch 2.14 inductor fails to compile (C++ errors) the flex kernel with ``dynamic=True``, and
     with automatic dynamic shapes once the batch of the pruning validity table varies."""
-    global _compiled
-    if _compiled is None or _compiled[0] != cap:
-        _refused.clear()
-        _compiled = (cap, torch.compile(flex_attention, fullgraph=True, dynamic=False, recompile_limit=cap,
-                                        isolate_recompiles=True))
-    return _compiled[1]
+    backend = context.flex_compile_backend
+    if context.flex_compiled is None or context.flex_compiled[:2] != (cap, backend):
+        context.flex_refused.clear()
+        context.flex_compiled = (cap, backend, torch.compile(flex_attention, fullgraph=True, dynamic=False,
+                                                             backend=backend, recompile_limit=cap,
+                                                             isolate_recompiles=True))
+    return context.flex_compiled[2]
 
 
 def _signature(q_s: Tensor, k_s: Tensor, v_s: Tensor, kv_batch: int, scale: float) -> tuple:
@@ -243,17 +221,17 @@ def _run_compiled(q_s: Tensor, k_s: Tensor, v_s: Tensor, block_mask: 'BlockMask'
     if is_in_torch_dispatch_mode(include_infra_modes=False):
         raise FlexNotCompiledError('a TorchDispatchMode is active, under which torch.compile does not run',
                                    num_scores)
-    cap = compile_cap()
+    cap = context.compile_cap()
     compiled = _compiled_flex(cap)
     signature = _signature(q_s, k_s, v_s, kv_batch, scale)
     reason = (f'the flex compile cap of {cap} compiled graphs is reached (raise it with '
               f'set_flex_compile_cap(n) or {FLEX_COMPILE_CAP_ENV}=n)')
-    if signature in _refused:
+    if signature in context.flex_refused:
         raise FlexNotCompiledError(reason, num_scores)
     try:
         return compiled(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
     except FailOnRecompileLimitHit as err:
-        _refused.add(signature)
+        context.flex_refused.add(signature)
         raise FlexNotCompiledError(reason, num_scores) from err
 
 
@@ -265,7 +243,8 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, 
 
     Raises ``FlexNotCompiledError`` instead of ever running flex eagerly by accident.  ``compiled=False``
     runs FlexAttention eagerly, which materialises the full score matrix: only for tests on small inputs
-    and for small requested calls past the compile cap (the dispatcher checks FLEX_EAGER_MAX_SCORES).
+    and for small requested calls past the compile cap (``_run`` checks ``context.flex_eager_max_scores``).
+    Every call is counted in ``context.flex_runs`` ('compiled', 'uncompiled', 'refused').
     """
     layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
     global_ids = torch.arange(num_global, device=q.device).expand(layout.slot_token.shape[0], -1)
@@ -276,11 +255,42 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, 
 
     q_s, k_s, v_s = _take_tokens(q, layout.slot_token), _take_tokens(k, kv_token), _take_tokens(v, kv_token)
     if compiled:
-        out = _run_compiled(q_s, k_s, v_s, block_mask, scale, kv_present.shape[0])
+        try:
+            out = _run_compiled(q_s, k_s, v_s, block_mask, scale, kv_present.shape[0])
+        except FlexNotCompiledError:
+            context.flex_runs['refused'] += 1
+            raise
+        context.flex_runs['compiled'] += 1
     else:
+        context.flex_runs['uncompiled'] += 1
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')
             out = flex_attention(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
     patch_out = _take_tokens(out, layout.token_slot)
     global_out, global_probs = global_rows(q, k, v, num_global, scale)
     return torch.cat([global_out, patch_out], dim=2), global_probs
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
+         neighbourhood: Neighbourhood, patch_index: Optional[Tensor], scale: float,
+         automatic: bool) -> tuple[Tensor, Tensor]:
+    """Compiled flex.  Where it cannot compile, an automatic call is refused (never run eagerly: O(N^2)
+    memory); a requested call runs uncompiled only while its dense scores are small, else it raises."""
+    args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
+    try:
+        return flex_attention_backend(*args)
+    except FlexNotCompiledError as err:
+        if automatic:
+            raise
+        limit = context.flex_eager_max_scores
+        if err.num_scores > limit:
+            raise RuntimeError(
+                f'sparse_attention backend "flex" was requested but cannot run compiled: {err.reason}; running '
+                f'it uncompiled would materialise {err.num_scores} attention scores (limit '
+                f'context.flex_eager_max_scores = {limit}). Use backend="gather" for this input.') from err
+        log_once(logging.INFO, 'sparse_attention: using the flex backend (%s; small inputs run uncompiled)',
+                 err.reason)
+        return flex_attention_backend(*args, compiled=False)
+
+
+BACKEND = AttentionBackend(run=_run, why_not=why_not, failures=compile_failures)

@@ -7,13 +7,14 @@ global rows; no N x N score matrix or mask is ever built.  With pruning the tile
 tiles holding a kept query take part, each with only its kept queries and the kept keys they can see,
 padded to the fullest tile, so memory follows the kept tokens instead of the grid.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..neighbourhood import Neighbourhood, TileLayout, tile_layout, tile_query_bounds
+from .base import AttentionBackend
 from .global_rows import global_rows
 
 
@@ -148,3 +149,15 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], 
     patch_out = out.index_select(0, token_rows).view(batch, num_patches, heads, -1).transpose(1, 2)
     global_out, global_probs = global_rows(q, k, v, num_global, scale)
     return torch.cat([global_out, patch_out], dim=2), global_probs
+
+
+def _run(*args, automatic: bool) -> tuple[Tensor, Tensor]:
+    return gather_attention(*args)
+
+
+def _why_not(q: Tensor, k: Tensor, v: Tensor, automatic: bool, num_slots: Optional[int] = None) -> None:
+    """Gather runs wherever PyTorch does, with gradients."""
+    return None
+
+
+BACKEND = AttentionBackend(run=_run, why_not=_why_not)

@@ -1,0 +1,109 @@
+"""The gather backend against the dense reference: outputs, global attention, gradients, low precision,
+memory (no attention-sized tensor; pruned calls follow the kept tokens) and the pruned tile buckets."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmseg_sparsevit.ops import sparse_attention, sparse_attention_reference, tile_layout
+from mmseg_sparsevit.ops.backends import gather
+from mmseg_sparsevit.ops.backends.gather import gather_attention
+from sparse_attention_cases import CASES, LargestTensor, inputs, kept_positions
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,window,batch,keep', CASES)
+def test_gather_matches_reference(neighbourhood, grid, num_global, window, batch, keep):
+    q, k, v, patch_index = inputs(hash((grid, window, batch)) % 1000, batch, num_global, grid, keep)
+    ref_out, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood,
+                                                   patch_index, return_global_attn=True)
+    out, attn = gather_attention(q, k, v, grid, num_global, window, neighbourhood, patch_index,
+                                 q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+    assert attn.shape == (batch, q.shape[1], num_global, q.shape[2] - num_global)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('keep', [1.0, 0.5])
+def test_gather_window_covering_grid_is_dense_attention(neighbourhood, keep):
+    q, k, v, patch_index = inputs(3, 2, 9, (6, 5), keep)
+    out, _ = gather_attention(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,keep', [((7, 10), 9, 1.0), ((9, 6), 0, 0.6), ((4, 4), 1, 0.25)])
+def test_gather_gradients_match_reference(neighbourhood, grid, num_global, keep):
+    q, k, v, patch_index = inputs(7, 2, num_global, grid, keep, requires_grad=True)
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        out, attn = fn(q, k, v, grid, num_global, 3, neighbourhood, patch_index, return_global_attn=True,
+                       backend='gather')
+        loss = (out * grad_out).sum() + (attn * torch.linspace(0, 1, attn.shape[-1])).sum()
+        grads.append(torch.autograd.grad(loss, (q, k, v)))
+    for name, ref, got in zip('qkv', *grads):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f'd{name}')
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_gather_low_precision_close_to_reference(dtype, tol):
+    q, k, v, _ = inputs(5, 1, 9, (9, 10), dtype=dtype)
+    out = sparse_attention(q, k, v, (9, 10), 9, 4, backend='gather')
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, sparse_attention_reference(q, k, v, (9, 10), 9, 4), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_gather_never_builds_attention_sized_tensors(neighbourhood):
+    """56 x 56 grid, window 2, one head of dim 4: N^2 = 9.8M, gathered keys ~ N * (9 w^2 + G) * 4 = 0.5M."""
+    q, k, v, _ = inputs(0, 1, 1, (56, 56), heads=1, dim=4)
+    num_tokens = q.shape[2]
+    largest = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        with torch.no_grad(), LargestTensor() as probe:
+            fn(q, k, v, (56, 56), 1, 2, neighbourhood, backend='gather')
+        largest.append(probe.largest)
+    assert largest[0] >= num_tokens**2  # the probe does see the reference's dense scores
+    assert largest[1] <= num_tokens * (9 * 4 + 1) * 4 < num_tokens**2 / 16
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('pattern', ['random', 'band', 'corner'])
+def test_gather_pruned_memory_follows_kept_tokens(neighbourhood, pattern):
+    """Pruning must cut memory, not add to it: with ~40 % of a 32 x 32 grid kept, the largest buffer the
+    pruned call allocates is at most half the unpruned call's, however the kept tokens are spread."""
+    grid, num_global = (32, 32), 1
+    patch_index = kept_positions(pattern, grid)[None]
+    assert 0.39 < patch_index.shape[1] / (grid[0] * grid[1]) < 0.44
+    largest = []
+    for index in (None, patch_index):
+        num_patches = grid[0] * grid[1] if index is None else index.shape[1]
+        q, k, v = torch.randn(3, 1, 2, num_global + num_patches, 8)
+        with torch.no_grad(), LargestTensor() as probe:
+            out = sparse_attention(q, k, v, grid, num_global, 4, neighbourhood, patch_index=index,
+                                   backend='gather')
+        largest.append(probe.largest_bytes)
+    assert out.shape == q.shape
+    assert largest[1] <= largest[0] / 2
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_gather_pruned_tile_buckets_match_reference(neighbourhood):
+    """Dense and sparse tiles land in different buckets (checked): outputs, global attention and
+    gradients still equal the reference, per sample of a batch with different kept sets."""
+    grid = (32, 32)
+    corner, band = kept_positions('corner', grid), kept_positions('band', grid)
+    patch_index = torch.stack([corner[:400], band[10:]])
+    tiles = gather._tiles(tile_layout(grid, 1, 4, patch_index, torch.device('cpu')), 2, 4, neighbourhood)
+    assert len(gather._pruned_buckets(tiles)) > 1
+    q, k, v = (torch.randn(2, 2, 401, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
+               for i in range(3))
+    results = []
+    for fn in (sparse_attention_reference, sparse_attention):
+        out, attn = fn(q, k, v, grid, 1, 4, neighbourhood, patch_index, return_global_attn=True,
+                       backend='gather')
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + attn[..., ::3].sum()
+        results.append((out, attn, *torch.autograd.grad(loss, (q, k, v))))
+    for name, ref, got in zip(['out', 'global attn', 'dq', 'dk', 'dv'], *results):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)

@@ -1,0 +1,66 @@
+"""The geometry and the dense reference, which every backend is tested against, and the global rows.
+
+The reference's geometry is checked against brute-force loops written here independently.
+"""
+import pytest
+import torch
+
+from mmseg_sparsevit.ops import global_attention_probs, neighbourhood_mask, sparse_attention_reference, window_bounds
+from sparse_attention_cases import inputs
+
+
+def _brute_bounds(pos: int, length: int, w: int, neighbourhood: str) -> tuple[int, int]:
+    if neighbourhood == 'block':
+        keys = [k for k in range(length) if abs(k // w - pos // w) <= 1]
+        return keys[0], keys[-1] + 1
+    start = max(min(pos - w // 2, length - w), 0)
+    return start, min(start + w, length)
+
+
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+def test_window_bounds_match_brute_force(neighbourhood):
+    for length in range(1, 14):
+        for w in range(1, 10):
+            lo, hi = window_bounds(torch.arange(length), length, w, neighbourhood)
+            expected = [_brute_bounds(p, length, w, neighbourhood) for p in range(length)]
+            assert list(zip(lo.tolist(), hi.tolist())) == expected, (length, w)
+
+
+def test_sliding_window_clamps_inward_like_natten():
+    lo, hi = window_bounds(torch.arange(10), 10, 4, 'sliding')
+    assert lo.tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 6]
+    assert ((hi - lo) == 4).all()  # always a full window when the axis is long enough
+
+
+def test_pruned_mask_is_full_mask_restricted_to_kept_tokens():
+    grid, num_global = (7, 9), 2
+    keep = torch.tensor([[0, 3, 4, 10, 11, 30, 31, 40, 62], [1, 2, 5, 8, 20, 21, 22, 50, 61]])
+    full = neighbourhood_mask(grid, num_global, 3, 'sliding')[0]
+    pruned = neighbourhood_mask(grid, num_global, 3, 'sliding', keep)
+    for b in range(2):
+        rows = torch.cat([torch.arange(num_global), keep[b] + num_global])
+        assert torch.equal(pruned[b], full[rows][:, rows])
+
+
+# ---------------------------------------------------------------- global rows -----------------------
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,keep', [((5, 7), 1, 1.0), ((6, 6), 9, 0.5), ((4, 9), 3, 1.0)])
+def test_global_attention_probs_are_the_references_global_rows(neighbourhood, grid, num_global, keep):
+    """Global rows do not depend on the window, the pattern or pruning: they see every token."""
+    q, k, v, patch_index = inputs(6, 2, num_global, grid, keep)
+    _, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, 2, neighbourhood, patch_index,
+                                             return_global_attn=True, scale=0.3)
+    probs = global_attention_probs(q, k, num_global, 0.3)
+    torch.testing.assert_close(probs, ref_attn, atol=1e-6, rtol=1e-5)
+    dense = torch.softmax(q[:, :, :num_global] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    torch.testing.assert_close(global_attention_probs(q, k, num_global), dense[..., num_global:])
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_global_attention_probs_low_precision_close_to_reference(dtype, tol):
+    """Low-precision inputs: probabilities within tol (of the largest) of float32, in the input dtype."""
+    q, k, v, _ = inputs(8, 1, 1, (16, 16), dim=16)
+    ref = sparse_attention_reference(q, k, v, (16, 16), 1, 4, return_global_attn=True)[1]
+    probs = global_attention_probs(q.to(dtype), k.to(dtype), 1)
+    assert probs.dtype == dtype
+    torch.testing.assert_close(probs.float(), ref, atol=tol * ref.max().item(), rtol=0)
