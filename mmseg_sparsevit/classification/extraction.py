@@ -1,8 +1,9 @@
 """Frozen SparseViT embeddings of a classification dataset at one input size and attention mode.
 
-Modes: ``dense`` (all-to-all attention), ``sparse`` (windowed sparse attention) and ``sparse+prune``
-(sparse attention with attention-guided token pruning after block ``prune_after``, keeping
-``M - floor(prune_ratio * M)`` of the M patch tokens, see ``models.pruning.num_kept_tokens``).
+Modes are the attention modes of ``models.modes``: ``vanilla`` / ``dense`` (all-to-all attention, explicit or
+SDPA), ``sparse`` (windowed sparse attention) and ``sparse+prune`` (sparse attention with attention-guided token
+pruning after block ``prune_after``, keeping ``M - floor(prune_ratio * M)`` of the M patch tokens, see
+``models.pruning.num_kept_tokens``). Precision is one of ``EXTRACTION_PRECISIONS`` (fp32 weights, autocast).
 Each image yields the final-norm CLS token and the mean of the surviving patch tokens.
 """
 import dataclasses
@@ -11,7 +12,7 @@ import json
 import os.path as osp
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,15 +21,16 @@ from mmengine.utils import ProgressBar
 from torch.utils.data import DataLoader, Subset
 
 from mmseg_sparsevit.engine.run_lock import RunLock
+from mmseg_sparsevit.models.modes import (ATTENTION_MODES, AUTO_PRECISION, PRECISIONS, autocast, check_mode, is_pruned,
+                                          is_sparse, mode_kwargs, resolve_precision)
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
 from .dataset import RESIZE_MODES, ClassificationImages, ResizeMode, Sample
 from .feature_store import FeatureStore
 
-Mode = Literal['dense', 'sparse', 'sparse+prune']
-MODES = ('dense', 'sparse', 'sparse+prune')
-AmpMode = Literal['auto', 'bf16', 'fp16', 'fp32']
-AMP_MODES = ('auto', 'bf16', 'fp16', 'fp32')
+MODES = tuple(ATTENTION_MODES)
+# The model keeps fp32 weights; the forward autocasts (``auto``: bf16 on CUDA, fp16 where unsupported, fp32 on CPU).
+EXTRACTION_PRECISIONS = (AUTO_PRECISION, 'fp32', 'amp-bf16', 'amp-fp16')
 FORMAT_VERSION = 1
 
 
@@ -41,7 +43,7 @@ class ExtractionConfig:
     """
 
     size: int
-    mode: Mode = 'sparse+prune'
+    mode: str = 'sparse+prune'
     prune_ratio: float = 0.6
     prune_after: int = 4
     window_size: int = 8
@@ -52,8 +54,7 @@ class ExtractionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
+        check_mode(self.mode)
         if self.resize not in RESIZE_MODES:
             raise ValueError(f'resize must be one of {RESIZE_MODES}, got {self.resize!r}')
         if self.size < 1:
@@ -65,16 +66,15 @@ class ExtractionConfig:
     def tag(self) -> str:
         """Short run name, e.g. ``sparse+prune_896_p0.6_w8``."""
         tag = f'{self.mode}_{self.size}'
-        if self.mode == 'sparse+prune':
+        if is_pruned(self.mode):
             tag += f'_p{self.prune_ratio:g}'
-        return tag + (f'_w{self.window_size}' if self.mode != 'dense' else '')
+        return tag + (f'_w{self.window_size}' if is_sparse(self.mode) else '')
 
     def backbone_kwargs(self) -> Dict[str, Any]:
         """``SparseViT`` arguments for this mode (window/pruning settings only where they act)."""
-        return dict(
-            arch=self.arch, **self.arch_overrides, attn_mode='dense' if self.mode == 'dense' else 'sparse',
-            window_size=self.window_size, token_pruning=self.mode == 'sparse+prune',
-            prune_ratio=self.prune_ratio, prune_after=self.prune_after, pretrained=self.weights)
+        return mode_kwargs(dict(arch=self.arch, **self.arch_overrides, window_size=self.window_size,
+                                prune_ratio=self.prune_ratio, prune_after=self.prune_after, pretrained=self.weights),
+                           self.mode)
 
 
 def build_backbone(cfg: ExtractionConfig) -> SparseViT:
@@ -88,22 +88,18 @@ def build_backbone(cfg: ExtractionConfig) -> SparseViT:
     return model.eval()
 
 
-def resolve_amp(amp: AmpMode, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype: ``auto`` is bf16 (fp16 where bf16 is unsupported) on CUDA and fp32 on CPU."""
-    if amp not in AMP_MODES:
-        raise ValueError(f'amp must be one of {AMP_MODES}, got {amp!r}')
-    if amp == 'auto':
-        if device.type != 'cuda':
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[amp]
+def resolve_extraction_precision(precision: str, device: torch.device) -> str:
+    """The ``PRECISIONS`` name extraction runs at: ``precision``, or what ``auto`` means on ``device``."""
+    if precision not in EXTRACTION_PRECISIONS:
+        raise ValueError(f'precision must be one of {EXTRACTION_PRECISIONS} (extraction keeps fp32 weights), '
+                         f'got {precision!r}')
+    return resolve_precision(precision, device)
 
 
 @torch.inference_mode()
-def embed_batch(model: SparseViT, images: torch.Tensor,
-                amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[torch.Tensor]]:
+def embed_batch(model: SparseViT, images: torch.Tensor, precision: str = 'fp32') -> Dict[str, Optional[torch.Tensor]]:
     """``cls`` / ``patch_mean`` (B, C) float32, ``kept_index`` (B, K) or None, ``num_kept`` (B,)."""
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(precision, images.device.type):
         out = model.forward_tokens(images)
         cls, patch_mean = model.pool(out.tokens, 'token'), model.pool(out.tokens, 'avg')
     grid_h, grid_w = out.grid_hw
@@ -119,8 +115,10 @@ def samples_fingerprint(samples: Sequence[Sample]) -> str:
 
 
 def extraction_meta(cfg: ExtractionConfig, samples: Sequence[Sample], device: torch.device,
-                    amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """The identity of a feature file: config, weights file size, dataset fingerprint, numerics."""
+                    precision: str) -> Dict[str, Any]:
+    """The identity of a feature file: config, weights file size, dataset fingerprint, numerics (``amp``: the
+    autocast dtype of the resolved precision, as feature files have always recorded it)."""
+    amp_dtype = PRECISIONS[precision].autocast
     return dict(
         format_version=FORMAT_VERSION, config=dataclasses.asdict(cfg),
         weights_bytes=osp.getsize(cfg.weights) if cfg.weights else None,
@@ -138,7 +136,7 @@ def _batch_arrays(emb: Dict[str, Optional[torch.Tensor]], batch: List[Sample]) -
 
 
 def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_names: List[str], out: str,
-                     batch_size: int = 8, num_workers: int = 4, device: str = 'cpu', amp: AmpMode = 'auto',
+                     batch_size: int = 8, num_workers: int = 4, device: str = 'cpu', precision: str = 'auto',
                      max_batches: Optional[int] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Embed ``samples`` into the feature file ``out`` (``.npz``), resuming an unfinished run.
 
@@ -149,9 +147,9 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     dev = torch.device(device)
-    amp_dtype = resolve_amp(amp, dev)
+    precision = resolve_extraction_precision(precision, dev)
     with RunLock(f'{out}.lock', target=f'feature file {out}'):  # a second extraction into `out` refuses
-        store = FeatureStore(out, extraction_meta(cfg, samples, dev, amp_dtype), len(samples), overwrite)
+        store = FeatureStore(out, extraction_meta(cfg, samples, dev, precision), len(samples), overwrite)
         result = dict(path=out, finished=True, num_done=len(samples), num_resumed=len(samples),
                       num_samples=len(samples), seconds=0.0)
         if store.is_finished():
@@ -160,7 +158,8 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
         done = result['num_resumed'] = store.open()
         tic = time.perf_counter()
         if done < len(samples):
-            done = _extract_remaining(cfg, samples, store, done, dev, amp_dtype, batch_size, num_workers, max_batches)
+            done = _extract_remaining(cfg, samples, store, done, dev, precision, batch_size, num_workers,
+                                      max_batches)
         result.update(seconds=time.perf_counter() - tic, num_done=done, finished=done == len(samples))
         if result['finished']:
             store.finalize(class_names)
@@ -170,21 +169,21 @@ def extract_features(cfg: ExtractionConfig, samples: Sequence[Sample], class_nam
 
 
 def _extract_remaining(cfg: ExtractionConfig, samples: Sequence[Sample], store: FeatureStore, done: int,
-                       dev: torch.device, amp_dtype: Optional[torch.dtype], batch_size: int, num_workers: int,
+                       dev: torch.device, precision: str, batch_size: int, num_workers: int,
                        max_batches: Optional[int]) -> int:
     """Embed samples ``done ..`` batch by batch, one shard each; return how many are stored now."""
     model = build_backbone(cfg).to(dev)
     dataset = ClassificationImages(samples, cfg.size, cfg.resize)
     loader = DataLoader(Subset(dataset, range(done, len(samples))), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=dev.type == 'cuda')
-    print_log(f'extracting {cfg.tag} ({len(samples) - done} images, amp={amp_dtype}) to {store.path}',
+    print_log(f'extracting {cfg.tag} ({len(samples) - done} images, {precision}) to {store.path}',
               logger='current')
     bar = ProgressBar(len(samples) - done)
     for num_batches, (images, index) in enumerate(loader, start=1):
         start = int(index[0])
         if start != done or int(index[-1]) != done + len(index) - 1:
             raise RuntimeError(f'data loader returned samples {index.tolist()} out of order (expected from {done})')
-        emb = embed_batch(model, images.to(dev, non_blocking=True), amp_dtype)
+        emb = embed_batch(model, images.to(dev, non_blocking=True), precision)
         store.write_shard(start, _batch_arrays(emb, samples[start:start + len(index)]))
         done += len(index)
         bar.update(len(index))
