@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmseg_sparsevit.models.modes import ATTENTION_MODES, is_sparse
 from mmseg_sparsevit.ops import sparse_attention
 from mmseg_sparsevit.ops.sparse_attention import BACKENDS
 from mmseg_sparsevit.utils.markdown import markdown_table
 
 from .process import RssSampler, current_rss_bytes, max_rss_bytes, run_worker
 
-DENSE_METHODS = ('vanilla', 'dense')  # the dense attention modes of ``models.modes``
+DENSE_METHODS = tuple(mode for mode in ATTENTION_MODES if not is_sparse(mode))  # 'vanilla', 'dense'
 METHODS = DENSE_METHODS + BACKENDS + ('auto',)
 COMPILED = ('flex', 'auto')  # the first call may compile flex: its excess over the median is reported
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -85,10 +86,8 @@ def attention_method(method: str, point: AttentionPoint, patch_index: Optional[T
     """``(q, k, v) -> out`` for one method at one point."""
     if method not in METHODS:
         raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-    if method == 'vanilla':
-        return vanilla_attention
-    if method == 'dense':
-        return F.scaled_dot_product_attention
+    if method in DENSE_METHODS:
+        return F.scaled_dot_product_attention if ATTENTION_MODES[method]['fused_attn'] else vanilla_attention
     backend = None if method == 'auto' else method
     return lambda q, k, v: sparse_attention(q, k, v, point.grid, point.num_global, point.window_size,
                                             point.neighbourhood, patch_index=patch_index, backend=backend)
