@@ -1,6 +1,7 @@
 """Linear-probe / KNN evaluation: metrics equal scikit-learn's, KNN is a 20-neighbour vote on centred,
 L2-normalised features, C is chosen on val, split fallbacks, and the CLI writes deterministic JSON."""
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -131,3 +132,44 @@ def test_eval_cli_writes_deterministic_json(tmp_path):
     assert set(first['linear_probe']['test']) == set(first['knn']['test']) == {
         'accuracy', 'balanced_accuracy', 'weighted_f1', 'auroc'}
     assert first['linear_probe']['test']['accuracy'] > 0.6  # separable clusters: far above chance (1/3)
+
+
+def write_features(path, x, y, split, class_names):
+    store = FeatureStore(str(path), dict(note='synthetic'), len(y))
+    store.open()
+    store.write_shard(0, dict(cls=x.astype(np.float32), patch_mean=x.astype(np.float32), label=y,
+                              id=np.array([f'img{i}' for i in range(len(y))]), split=split,
+                              num_kept=np.full(len(y), 7)))
+    return store.finalize(class_names)
+
+
+@pytest.mark.parametrize('only_train', [False, True])
+def test_eval_cli_names_the_file_when_train_has_one_class(tmp_path, only_train):
+    """One class to fit on (in the whole file, or only in its train split): a clear error naming the file
+    and the classes, not the solver's traceback."""
+    x, y = blobs(30, num_classes=2)
+    split = np.array((['train'] * 20 + ['val'] * 5 + ['test'] * 5) * 2)
+    y = np.where(split == 'train', 0, y) if only_train else np.zeros_like(y)
+    path = write_features(tmp_path / 'one_class.npz', x, y, split, ['a', 'b'])
+    main = runpy.run_path(str(EVAL_TOOL))['main']
+    message = r"the train split \(40 samples\) holds only class \['a'\] of \['a', 'b'\]; a probe needs at least two"
+    with pytest.raises(ValueError, match=rf'^{re.escape(path)}: {message}$'):
+        main([path, '--out', str(tmp_path / 'out.json')])
+    assert not (tmp_path / 'out.json').exists()
+
+
+def test_eval_cli_warns_naming_classes_missing_from_a_split(tmp_path):
+    """Class 'c' has val and test samples but none in train; class 'b' none in val: each warning names the
+    file, the classes and the split; the evaluation still completes."""
+    x, y = blobs(30)
+    split = file_splits((20, 5, 5))
+    split[(y == 2) & (split == 'train')] = 'test'
+    split[(y == 1) & (split == 'val')] = 'train'
+    path = write_features(tmp_path / 'gaps.npz', x, y, split, ['a', 'b', 'c'])
+    main = runpy.run_path(str(EVAL_TOOL))['main']
+    with pytest.warns(UserWarning) as caught:
+        result = main([path, '--out', str(tmp_path / 'out.json'), '--c-grid', '1'])
+    messages = [str(w.message) for w in caught if str(w.message).startswith(path)]
+    assert f"{path}: classes ['c'] have no sample in the train split; the probes can never predict them" in messages
+    assert f"{path}: classes ['b'] have no sample in the val split; C is chosen without them" in messages
+    assert len(messages) == 2 and result['num_samples'] == dict(train=45, val=10, test=35)

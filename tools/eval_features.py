@@ -1,7 +1,8 @@
 """Linear-probe and KNN (k = 20) evaluation of a feature file written by ``tools/extract_features.py``.
 
 Reports accuracy, balanced accuracy, weighted F1 and macro one-vs-rest AUROC on the test split as JSON
-(protocol and split fallbacks: docs/feature_extraction.md).
+(protocol and split fallbacks: docs/feature_extraction.md). Data a probe cannot be fitted on (one class
+only) is an error naming the file; a class missing from a split is a warning naming both.
 
 Example::
 
@@ -30,7 +31,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    result = dict(features=args.features, **evaluate_features(load_features(args.features), **eval_kwargs(args)))
+    data = load_features(args.features)
+    result = dict(features=args.features, **evaluate_features(data, **eval_kwargs(args), source=args.features))
     out = args.out or osp.splitext(args.features)[0] + '.eval.json'
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:

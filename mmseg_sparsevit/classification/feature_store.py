@@ -15,7 +15,8 @@ import os
 import os.path as osp
 import re
 import shutil
-from typing import Any, Dict, List
+import zipfile
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 from mmengine.logging import print_log
@@ -38,17 +39,35 @@ def _meta_diff(stored: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
 
 
+def read_npz(path: str, keys: Sequence[str], what: str, remedy: str) -> Dict[str, np.ndarray]:
+    """The arrays ``keys`` of the numpy archive ``path``, read in full while it is open.
+
+    An empty, truncated or corrupt file (numpy and zipfile raise ``EOFError``, ``BadZipFile``, ...
+    without the path) or one lacking a key raises a ``ValueError`` naming the file, ``what`` it is and
+    the ``remedy``."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError('a single .npy array, not an .npz archive')
+        with data:
+            names = data.files
+            arrays = {k: data[k] for k in keys if k in names}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f'{path}: unreadable {what} ({type(err).__name__}: {err}); {remedy}') from err
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f'{path}: {what} lacks the arrays {missing} (has {names}); {remedy}')
+    return arrays
+
+
 def load_features(path: str) -> Dict[str, Any]:
     """Read a finished feature file: the arrays of ``FEATURE_KEYS``, ``class_names`` and ``meta`` (dict)."""
     if not osp.isfile(path):
         hint = ' (extraction unfinished: resume it)' if osp.isdir(f'{path}.partial') else ''
         raise FileNotFoundError(f'feature file not found: {path}{hint}')
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in FEATURE_KEYS + ('class_names', 'meta') if k not in data.files]
-        if missing:
-            raise KeyError(f'{path}: missing arrays {missing}; has {data.files}')
-        out = {k: data[k] for k in FEATURE_KEYS + ('class_names',)}
-        out['meta'] = json.loads(str(data['meta']))
+    out: Dict[str, Any] = read_npz(path, FEATURE_KEYS + ('class_names', 'meta'), 'feature file',
+                                   're-extract it (--overwrite)')
+    out['meta'] = json.loads(str(out['meta']))
     return out
 
 
@@ -76,9 +95,8 @@ class FeatureStore:
         """True when the final file exists for the same ``meta`` (else an error if it differs)."""
         if not osp.isfile(self.path):
             return False
-        with np.load(self.path, allow_pickle=False) as data:
-            stored = json.loads(str(data['meta']))
-        diff = _meta_diff(stored, self.meta)
+        stored = read_npz(self.path, ('meta',), 'feature file', 'pass overwrite=True (--overwrite)')['meta']
+        diff = _meta_diff(json.loads(str(stored)), self.meta)
         if diff:
             raise ValueError(f'{self.path} exists with different settings {diff}; '
                              'pass overwrite=True (--overwrite) or choose another output')
@@ -96,6 +114,10 @@ class FeatureStore:
 
     def _shard_path(self, start: int) -> str:
         return osp.join(self.partial_dir, f'shard_{start:09d}.npz')
+
+    def _read_shard(self, start: int, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+        return read_npz(self._shard_path(start), keys, 'feature shard',
+                        'delete it and every later shard to redo those batches, or pass overwrite=True (--overwrite)')
 
     def open(self) -> int:
         """Prepare the partial folder; return how many leading samples are already stored."""
@@ -117,8 +139,7 @@ class FeatureStore:
             if start != done:
                 raise RuntimeError(f'{self.partial_dir}: shard {self._shard_path(start)} does not continue '
                                    f'at sample {done}; the folder was modified, use overwrite')
-            with np.load(self._shard_path(start), allow_pickle=False) as shard:
-                done += len(shard['label'])
+            done += len(self._read_shard(start, ('label',))['label'])
         if done > self.num_samples:
             raise RuntimeError(f'{self.partial_dir} holds {done} samples but the dataset has {self.num_samples}')
         if done:
@@ -137,9 +158,9 @@ class FeatureStore:
         """Concatenate the shards into ``path``, check the sample count, remove the partial folder."""
         parts: Dict[str, List[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
         for start in self._shard_starts():
-            with np.load(self._shard_path(start), allow_pickle=False) as shard:
-                for k in FEATURE_KEYS:
-                    parts[k].append(shard[k])
+            shard = self._read_shard(start, FEATURE_KEYS)
+            for k in FEATURE_KEYS:
+                parts[k].append(shard[k])
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         if len(arrays['label']) != self.num_samples:
             raise RuntimeError(f'{self.partial_dir}: {len(arrays["label"])} of {self.num_samples} samples '

@@ -12,7 +12,7 @@ stratified ``test_fraction`` of train is held out. Missing ``val``: a seeded str
 are scikit-learn's: accuracy, balanced accuracy, weighted F1, macro one-vs-rest AUROC.
 """
 import warnings
-from typing import Any, Dict, Literal, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Sequence, Tuple
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -135,13 +135,44 @@ def knn_probe(x: np.ndarray, y: np.ndarray, splits: Dict[str, Any], num_classes:
     return dict(k=k, test=classification_metrics(y[splits['test']], pred, proba))
 
 
+def check_class_coverage(y: np.ndarray, splits: Dict[str, Any], class_names: Sequence[str],
+                         source: str = 'features') -> None:
+    """Raise when a probe cannot be fitted (fewer than two classes to fit on); warn, naming the classes,
+    when a split lacks some: scikit-learn would fail with an opaque error or stay silent."""
+    def named(labels) -> List[str]:
+        return [str(class_names[i]) if 0 <= i < len(class_names) else str(i) for i in sorted(labels)]
+
+    fitted_on = [('train', 'train split')]
+    if splits['source']['val'] != 'file':
+        fitted_on.append(('select', 'part of the train split the probe is fitted on while choosing C'))
+    for key, what in fitted_on:
+        present = set(y[splits[key]].tolist())
+        if len(present) < 2:
+            raise ValueError(f'{source}: the {what} ({len(splits[key])} samples) holds only class '
+                             f'{named(present)} of {named(range(len(class_names)))}; a probe needs at least two')
+    consequence = dict(train='the probes can never predict them', val='C is chosen without them',
+                       test='the test metrics do not cover them')
+    for split in SPLITS:
+        absent = set(range(len(class_names))) - set(y[splits[split]].tolist())
+        if absent:
+            origin = '' if splits['source'].get(split, 'file') == 'file' else f" ({splits['source'][split]})"
+            warnings.warn(f'{source}: classes {named(absent)} have no sample in the {split} split{origin}; '
+                          f'{consequence[split]}')
+
+
 def evaluate_features(data: Dict[str, Any], feature: FeatureKind = 'cls', c_grid: Sequence[float] = DEFAULT_C_GRID,
                       knn_k: int = KNN_K, val_fraction: float = 0.2, test_fraction: float = 0.25,
-                      seed: int = 0) -> Dict[str, Any]:
-    """Both probes on a loaded feature file (``load_features``); the result is JSON-serialisable."""
+                      seed: int = 0, source: str = 'features') -> Dict[str, Any]:
+    """Both probes on a loaded feature file (``load_features``); the result is JSON-serialisable.
+
+    ``source`` (the file's path) starts every error and warning about the data."""
     x, y = select_features(data, feature), np.asarray(data['label'])
     num_classes = len(data['class_names'])
-    splits = make_splits(data['split'], y, val_fraction, test_fraction, seed)
+    try:
+        splits = make_splits(data['split'], y, val_fraction, test_fraction, seed)
+    except ValueError as err:
+        raise ValueError(f'{source}: {err}') from None
+    check_class_coverage(y, splits, [str(c) for c in data['class_names']], source)
     return dict(
         feature=feature, seed=seed, class_names=[str(c) for c in data['class_names']],
         num_samples={name: int(len(splits[name])) for name in SPLITS}, split_source=splits['source'],
