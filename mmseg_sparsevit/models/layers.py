@@ -130,13 +130,14 @@ class SparseViTBlock(nn.Module):
             mlp_layer: Type[nn.Module] = Mlp,
             act_layer: Type[nn.Module] = nn.GELU,
             attn_cfg: Optional[AttentionConfig] = None,
+            norm_layer: Type[nn.Module] = LayerNorm,
     ) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = SparseViTAttention(dim, num_heads, num_prefix_tokens, qkv_bias=qkv_bias, attn_cfg=attn_cfg)
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
+        self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Dict, Literal, Optional, Tuple, Type
 
 import torch.nn as nn
-from timm.layers import Mlp, SwiGLUPacked
+from timm.layers import LayerNorm, Mlp, SwiGLUPacked
 
 MlpKind = Literal['mlp', 'swiglu_packed']
 # Tile embedding recipe: 'token' = CLS (UNI, UNI-2), 'avg' = mean of the patch tokens, 'token+avg' = CLS
@@ -108,7 +108,7 @@ class ViTArch:
 
     def norm_layer(self) -> Type[nn.Module]:
         """LayerNorm class with this architecture's epsilon (timm's ``norm_layer`` argument)."""
-        return partial(nn.LayerNorm, eps=self.norm_eps)
+        return partial(LayerNorm, eps=self.norm_eps)
 
 
 # SwiGLU widths: timm's SwiGLUPacked has one fc1 of width int(embed_dim * mlp_ratio) holding both halves, so a

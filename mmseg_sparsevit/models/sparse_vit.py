@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import initialize
-from timm.layers import LayerNorm, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, calculate_drop_path_rates, trunc_normal_
 from timm.models import named_apply
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import init_weights_vit_timm
@@ -24,6 +24,7 @@ from mmseg_sparsevit.ops.neighbourhood import Neighbourhood
 from mmseg_sparsevit.ops.sparse_attention import Backend
 
 from .layers import AttentionConfig, AttnMode, SparseViTBlock
+from .pos_embed import resize_pos_embed
 from .presets import GLOBAL_POOLS, GlobalPool, MlpKind, get_arch
 from .pruning import num_kept_tokens, prune_tokens
 from .weights import load_pretrained_weights
@@ -153,7 +154,7 @@ class SparseViT(BaseModule):
             strict_img_size=False, output_fmt='NHWC')
         self.cls_token = nn.Parameter(torch.zeros(1, 1, a.embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, a.reg_tokens, a.embed_dim)) if a.reg_tokens else None
-        num_pos = self.patch_embed.num_patches + (0 if a.no_embed_class else self.num_prefix_tokens)
+        num_pos = self.patch_embed.num_patches + a.num_pos_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, a.embed_dim))
         mlp_cls, act_cls = a.layers()
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, a.depth)
@@ -161,9 +162,9 @@ class SparseViT(BaseModule):
             SparseViTBlock(
                 a.embed_dim, a.num_heads, self.num_prefix_tokens, mlp_ratio=a.mlp_ratio, qkv_bias=a.qkv_bias,
                 init_values=a.init_values, drop_path=drop_path_rates[i], mlp_layer=mlp_cls, act_layer=act_cls,
-                attn_cfg=self.attn_cfg)
+                attn_cfg=self.attn_cfg, norm_layer=a.norm_layer())
             for i in range(a.depth)])
-        self.norm = LayerNorm(a.embed_dim) if final_norm else nn.Identity()
+        self.norm = a.norm_layer()(a.embed_dim) if final_norm else nn.Identity()
         self._init_timm_weights()
         if frozen:
             self.requires_grad_(False)
@@ -222,8 +223,10 @@ class SparseViT(BaseModule):
     def prepare_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, GridHW]:
         """Image (B, 3, H*p, W*p) -> tokens (B, G + H*W, C) ``[CLS, registers, patches]`` and grid (H, W).
 
-        The position embedding is resampled to the input grid exactly as timm's dynamic-size
-        ``_pos_embed`` does; with ``no_embed_class`` the prefix tokens get no position embedding.
+        The position embedding is resized to the input grid by the arch's rule (``pos_embed_resize``; timm's
+        dynamic-size ``_pos_embed`` for timm models) and added to the patches and to the prefix tokens it
+        covers (``arch.num_pos_prefix_tokens``: none with ``no_embed_class``, CLS only for DINOv2 with
+        registers, else CLS and registers).
         """
         if x.dim() != 4:
             raise ValueError(f'expected an image batch (B, C, H, W), got shape {tuple(x.shape)}')
@@ -231,18 +234,16 @@ class SparseViT(BaseModule):
             raise ValueError(f'input size {tuple(x.shape[-2:])} is not a multiple of patch_size={self.patch_size}')
         x = self.patch_embed(x)
         B, H, W, C = x.shape
-        pos_embed = resample_abs_pos_embed(
-            self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size,
-            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
-        x = x.view(B, H * W, C)
-        prefix = [self.cls_token.expand(B, -1, -1)]
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(B, -1, -1))
-        if self.no_embed_class:
-            x = torch.cat(prefix + [x + pos_embed], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + pos_embed
-        return x, (H, W)
+        num_pos_prefix = self.arch.num_pos_prefix_tokens
+        pos_embed = resize_pos_embed(self.pos_embed, (H, W), self.patch_embed.grid_size, num_pos_prefix,
+                                     self.arch.pos_embed_resize)
+        x = x.view(B, H * W, C) + pos_embed[:, num_pos_prefix:]
+        prefix = [self.cls_token, self.reg_token] if self.reg_token is not None else [self.cls_token]
+        prefix = torch.cat(prefix, dim=1)
+        if num_pos_prefix:
+            prefix = torch.cat([prefix[:, :num_pos_prefix] + pos_embed[:, :num_pos_prefix],
+                                prefix[:, num_pos_prefix:]], dim=1)
+        return torch.cat([prefix.expand(B, -1, -1), x], dim=1), (H, W)
 
     def forward_blocks(self, x: torch.Tensor, grid_hw: GridHW, start: int = 0, end: Optional[int] = None,
                        patch_index: Optional[torch.Tensor] = None) -> torch.Tensor:

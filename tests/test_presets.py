@@ -1,0 +1,101 @@
+"""Every pathology preset is the published architecture: a random-init SparseViT with the preset at reduced depth
+equals the reference model built from that model's own hub recipe (timm's ``create_model`` with the kwargs of its
+config.json / model card) to 1e-5 in dense mode, at 224 px and at a larger size, and gives the tile embedding
+its authors prescribe.
+
+The references below are written from the model cards independently of ``presets.py``; only the depth is
+reduced (2 blocks), widths are the real ones.
+"""
+from typing import Callable, Dict, Tuple
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import SwiGLUPacked
+
+from mmseg_sparsevit.models import SparseViT
+from mmseg_sparsevit.models.presets import ARCH_PRESETS, PRETRAINED
+
+DEPTH = 2
+
+
+def cls_token(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens[:, 0]
+
+
+def cls_and_patch_mean(first_patch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Virchow's model-card embedding: CLS concatenated with the mean of the patch tokens (from ``first_patch``)."""
+    return lambda tokens: torch.cat([tokens[:, 0], tokens[:, first_patch:].mean(1)], dim=-1)
+
+
+SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+# preset -> (timm architecture, kwargs as the hub config / model card pass them, the model card's tile embedding)
+TIMM_REFERENCES: Dict[str, Tuple[str, dict, Callable]] = {
+    'uni2-h': ('vit_giant_patch14_224', dict(
+        img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+        mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
+        cls_token),
+    'uni': ('vit_large_patch16_224', dict(
+        img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True), cls_token),
+    'virchow': ('vit_huge_patch14_224', dict(
+        img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool='', dynamic_img_size=True,
+        **SWIGLU), cls_and_patch_mean(1)),
+    'virchow2': ('vit_huge_patch14_224', dict(
+        img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool='',
+        dynamic_img_size=True, **SWIGLU), cls_and_patch_mean(5)),
+    # The model cards pass dynamic_img_size=False (224 px only); True lets the same weights run at other sizes.
+    'h-optimus-0': ('vit_giant_patch14_reg4_dinov2', dict(
+        img_size=224, init_values=1e-5, num_classes=0, global_pool='token', dynamic_img_size=True), cls_token),
+    'h-optimus-1': ('vit_giant_patch14_reg4_dinov2', dict(
+        img_size=224, init_values=1e-5, num_classes=0, global_pool='token', dynamic_img_size=True), cls_token),
+    'gigapath': ('vit_giant_patch14_dinov2', dict(
+        img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
+        mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True), cls_token),
+}
+
+
+def sharpen(model: nn.Module) -> None:
+    """Raise layer-scale gammas (1e-5 at init) to O(1) and scale qkv so that every block visibly acts."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('.gamma'):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith('attn.qkv.weight'):
+                param.mul_(4)
+
+
+def timm_pair(preset: str) -> Tuple[nn.Module, SparseViT]:
+    name, kwargs, _ = TIMM_REFERENCES[preset]
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, **{**kwargs, 'depth': DEPTH}).eval()
+    sharpen(ref)
+    model = SparseViT(preset, depth=DEPTH).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return ref, model
+
+
+def larger_size(preset: str) -> int:
+    """A non-native size: a 20 x 20 patch grid, so the position embedding is resized."""
+    return 20 * ARCH_PRESETS[preset].patch_size
+
+
+@pytest.mark.parametrize('preset', sorted(TIMM_REFERENCES))
+def test_timm_presets_equal_the_hub_architecture(preset: str) -> None:
+    ref, model = timm_pair(preset)
+    embedding = TIMM_REFERENCES[preset][2]
+    for size in (224, larger_size(preset)):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            expected = ref.forward_features(x)
+            tokens = model.forward_features(x)
+        assert tokens.shape == expected.shape
+        torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.pool(tokens), embedding(expected), atol=1e-5, rtol=0)
+
+
+def test_every_pretrained_preset_has_a_reference() -> None:
+    """The equality tests above (and the transformers-layout ones) cover each published preset."""
+    assert set(PRETRAINED) <= set(ARCH_PRESETS)
+    assert set(TIMM_REFERENCES) == set(PRETRAINED)
