@@ -5,7 +5,8 @@ Skipped on machines without a GPU; the same comparisons run on CPU in tests/ops/
 import pytest
 import torch
 
-from mmseg_sparsevit.ops import sparse_attention, sparse_attention_reference
+from mmseg_sparsevit.ops import (global_attention_probs, sparse_attention, sparse_attention_reference,
+                                 sparse_attention_reference_probs)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -26,13 +27,14 @@ def test_cuda_backend_matches_reference_with_gradients(backend, grid_hw, num_glo
                                    for _ in range(2)])
     shape = (2, 4, num_global + num_patches, 32)
     q, k, v = (torch.randn(shape, device='cuda', generator=gen, requires_grad=True) for _ in range(3))
-    kwargs = dict(grid_hw=grid_hw, num_global=num_global, window_size=window_size, patch_index=patch_index,
-                  return_global_attn=True)
-    out, global_attn = sparse_attention(q, k, v, backend=backend, **kwargs)
-    ref_out, ref_global = sparse_attention_reference(q, k, v, **kwargs)
+    kwargs = dict(grid_hw=grid_hw, num_global=num_global, window_size=window_size, patch_index=patch_index)
+    out = sparse_attention(q, k, v, backend=backend, **kwargs)
+    global_attn = global_attention_probs(q, k, num_global)
+    ref_out = sparse_attention_reference(q, k, v, **kwargs)
+    ref_global = sparse_attention_reference_probs(q, k, **kwargs)[:, :, :num_global, num_global:]
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(global_attn, ref_global, atol=1e-4, rtol=1e-4)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    grads = torch.autograd.grad(out.square().sum() + global_attn[..., ::3].sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref_out.square().sum() + ref_global[..., ::3].sum(), (q, k, v))
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, atol=1e-3, rtol=1e-3)

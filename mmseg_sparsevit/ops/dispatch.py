@@ -72,7 +72,7 @@ def _describe(key: tuple) -> str:
             f'window {window} {pattern}{" pruned" if pruned else ""}{" grad" if grad else ""}')
 
 
-def _run_in_order(names: list[str], args: tuple) -> tuple[Tensor, Tensor]:
+def _run_in_order(names: list[str], args: tuple) -> Tensor:
     """Run the first of ``names`` that takes the call; a refusal passes it on, a failure too (and drops
     that backend for good)."""
     for i, name in enumerate(names):
@@ -96,7 +96,7 @@ def _drop(name: str, err: BaseException) -> None:
     logger.warning('sparse_attention: %s backend %s; not choosing it again', name, context.failures[name])
 
 
-def _measure(key: tuple, names: list[str], args: tuple) -> tuple[Tensor, Tensor]:
+def _measure(key: tuple, names: list[str], args: tuple) -> Tensor:
     """Time every candidate on this call, keep the fastest in ``context.choices`` and return its result.
 
     Candidates are timed last-in-table first, so the fallback (gather) comes last: when refusals or
@@ -104,7 +104,7 @@ def _measure(key: tuple, names: list[str], args: tuple) -> tuple[Tensor, Tensor]
     e.g. the compile cap for this batch size, or an active TorchDispatchMode)."""
     timings: dict[str, float] = {}
     refusals: dict[str, str] = {}
-    best: Optional[tuple[str, tuple[Tensor, Tensor]]] = None
+    best: Optional[tuple[str, Tensor]] = None
     remaining = names[::-1]
     while remaining:
         name = remaining.pop(0)
@@ -136,7 +136,7 @@ def _measure(key: tuple, names: list[str], args: tuple) -> tuple[Tensor, Tensor]
 
 def dispatch(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
              neighbourhood: str, patch_index: Optional[Tensor], scale: float,
-             backend: Optional[str]) -> tuple[Tensor, Tensor]:
+             backend: Optional[str]) -> Tensor:
     """Run sparse attention on validated arguments with the requested or the measured backend."""
     args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
     requested = requested_backend(backend)

@@ -3,7 +3,7 @@
 It materialises the N x N mask and scores, so it is the source of truth for tests and is never chosen
 automatically by :func:`~mmseg_sparsevit.ops.sparse_attention`.
 """
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -31,20 +31,32 @@ def neighbourhood_mask(grid_hw: tuple[int, int], num_global: int, window_size: i
     return mask
 
 
-def sparse_attention_reference(
-        q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
-        window_size: int = 8, neighbourhood: Neighbourhood = 'block',
-        patch_index: Optional[Tensor] = None, return_global_attn: bool = False,
-        scale: Optional[float] = None,
-        backend: Optional[Literal['gather', 'flex']] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Same contract as ``sparse_attention``; ``backend`` is accepted for signature parity and ignored."""
-    check_args(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
+def _probs(q: Tensor, k: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
+           neighbourhood: Neighbourhood, patch_index: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """The masked softmax, (B, heads, N, N), in at least float32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = neighbourhood_mask(grid_hw, num_global, window_size, neighbourhood, patch_index, q.device)
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-2, -1)) * scale
-    probs = scores.masked_fill(~mask[:, None], float('-inf')).softmax(dim=-1)
-    out = (probs @ v.to(compute_dtype)).to(q.dtype)
-    if return_global_attn:
-        return out, probs[:, :, :num_global, num_global:].to(q.dtype)
-    return out
+    return scores.masked_fill(~mask[:, None], float('-inf')).softmax(dim=-1)
+
+
+def sparse_attention_reference(
+        q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
+        window_size: int = 8, neighbourhood: Neighbourhood = 'block',
+        patch_index: Optional[Tensor] = None, scale: Optional[float] = None,
+        backend: Optional[str] = None) -> Tensor:
+    """Same contract as ``sparse_attention``; ``backend`` is accepted for signature parity and ignored."""
+    check_args(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
+    probs = _probs(q, k, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
+    return (probs @ v.to(probs.dtype)).to(q.dtype)
+
+
+def sparse_attention_reference_probs(
+        q: Tensor, k: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int = 8,
+        neighbourhood: Neighbourhood = 'block', patch_index: Optional[Tensor] = None,
+        scale: Optional[float] = None) -> Tensor:
+    """The reference's attention probabilities, (B, heads, N, N) in q's dtype; rows ``:num_global`` are
+    the global tokens' rows that ``global_attention_probs`` returns (its columns ``num_global:``)."""
+    check_args(q, k, k, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)  # k stands in for v
+    return _probs(q, k, grid_hw, num_global, window_size, neighbourhood, patch_index, scale).to(q.dtype)

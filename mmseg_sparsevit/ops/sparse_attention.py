@@ -5,7 +5,7 @@ tokens (CLS + registers) attend to everything.  This is the BigBird / Longformer
 global tokens) laid out in 2-D like NATTEN, with token pruning handled through ``patch_index``.  Argument
 checks are in ``checks.py``, the backend choice in ``dispatch.py``, the state it keeps in ``context.py``.
 """
-from typing import Optional, Union
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -22,27 +22,22 @@ BACKENDS: tuple[Backend, ...] = tuple(BACKEND_TABLE)  # the built-in backends' n
 def sparse_attention(
         q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
         window_size: int = 8, neighbourhood: Neighbourhood = 'block',
-        patch_index: Optional[Tensor] = None, return_global_attn: bool = False,
-        scale: Optional[float] = None,
-        backend: Optional[Backend] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        patch_index: Optional[Tensor] = None, scale: Optional[float] = None,
+        backend: Optional[Backend] = None) -> Tensor:
     """Windowed sparse attention of ``q`` over ``k``/``v``, each (B, heads, G + M, head_dim).
 
     The first ``num_global`` tokens are global; the other M are patches on the row-major ``grid_hw``
     grid, or at the positions ``patch_index`` (B, M) when tokens were pruned.  A patch attends to the
     present patches of its neighbourhood ('block': its window_size block and the 8 around it;
     'sliding': the window_size x window_size window centred on it, shifted inward at borders) and to
-    all global tokens; a global token attends to all tokens.  ``return_global_attn`` also returns the
-    global tokens' softmax probabilities over the patch tokens (B, heads, G, M), from the same pass.
+    all global tokens; a global token attends to all tokens.  The global tokens' probabilities over the
+    patches, which token pruning ranks by, come from ``global_attention_probs``.
     ``backend``: a name of the backend table ('gather', 'flex'), or None for the automatic choice.
     """
     check_args(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)
-    if not isinstance(return_global_attn, bool):
-        raise TypeError(f'return_global_attn must be a bool, got {return_global_attn!r}')
     grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, global_attn = dispatch(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale,
-                                backend)
-    return (out, global_attn) if return_global_attn else out
+    return dispatch(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale, backend)
 
 
 class SparseAttention(nn.Module):
@@ -62,11 +57,10 @@ class SparseAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
-                patch_index: Optional[Tensor] = None, scale: Optional[float] = None,
-                return_global_attn: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                patch_index: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+        """``sparse_attention`` with this module's window, pattern and backend."""
         return sparse_attention(q, k, v, grid_hw, num_global, self.window_size, self.neighbourhood,
-                                patch_index=patch_index, return_global_attn=return_global_attn, scale=scale,
-                                backend=self.backend)
+                                patch_index=patch_index, scale=scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f'window_size={self.window_size}, neighbourhood={self.neighbourhood!r}, '

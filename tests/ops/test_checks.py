@@ -26,7 +26,6 @@ def _bad_calls():
         ('pattern', dict(good, neighbourhood='dilated'), 'neighbourhood'),
         ('scale', dict(good, scale=float('nan')), 'scale'),
         ('backend', dict(good, backend='dense'), 'backend'),
-        ('flag', dict(good, return_global_attn='yes'), 'return_global_attn'),
         ('index dtype', dict(pruned, patch_index=index.int()), 'patch_index must be a torch.long'),
         ('index shape', dict(pruned, patch_index=index[:1]), 'patch_index shape'),
         ('index range', dict(pruned, patch_index=index + 1), 'patch_index values'),
@@ -36,7 +35,7 @@ def _bad_calls():
     ]
 
 
-_PUBLIC_ONLY = ('backend', 'flag')  # the reference ignores backend and takes the flag as a plain bool
+_PUBLIC_ONLY = ('backend', )  # the reference ignores backend
 CHECKED_CALLS = [pytest.param(fn, *case[1:], id=f'{fn.__name__}-{case[0]}') for case in _bad_calls()
                  for fn in (sparse_attention, sparse_attention_reference)
                  if fn is sparse_attention or case[0] not in _PUBLIC_ONLY]

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmseg_sparsevit.ops import sparse_attention, sparse_attention_reference, tile_layout
+from mmseg_sparsevit.ops import (global_attention_probs, sparse_attention, sparse_attention_reference,
+                                 sparse_attention_reference_probs, tile_layout)
 from mmseg_sparsevit.ops.backends import gather
 from mmseg_sparsevit.ops.backends.gather import gather_attention
 from sparse_attention_cases import CASES, LargestTensor, inputs, kept_positions
@@ -14,32 +15,40 @@ from sparse_attention_cases import CASES, LargestTensor, inputs, kept_positions
 @pytest.mark.parametrize('grid,num_global,window,batch,keep', CASES)
 def test_gather_matches_reference(neighbourhood, grid, num_global, window, batch, keep):
     q, k, v, patch_index = inputs(hash((grid, window, batch)) % 1000, batch, num_global, grid, keep)
-    ref_out, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood,
-                                                   patch_index, return_global_attn=True)
-    out, attn = gather_attention(q, k, v, grid, num_global, window, neighbourhood, patch_index,
-                                 q.shape[-1] ** -0.5)
+    ref_out = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood, patch_index)
+    out = gather_attention(q, k, v, grid, num_global, window, neighbourhood, patch_index, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
-    assert attn.shape == (batch, q.shape[1], num_global, q.shape[2] - num_global)
+    assert out.shape == q.shape
 
 
 @pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
 @pytest.mark.parametrize('keep', [1.0, 0.5])
 def test_gather_window_covering_grid_is_dense_attention(neighbourhood, keep):
     q, k, v, patch_index = inputs(3, 2, 9, (6, 5), keep)
-    out, _ = gather_attention(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    out = gather_attention(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def _reference_global_rows(q, k, grid, num_global, window, neighbourhood, patch_index):
+    probs = sparse_attention_reference_probs(q, k, grid, num_global, window, neighbourhood, patch_index)
+    return probs[:, :, :num_global, num_global:]
+
+
+def _global_probs(q, k, grid, num_global, *pattern):
+    return global_attention_probs(q, k, num_global)
 
 
 @pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
 @pytest.mark.parametrize('grid,num_global,keep', [((7, 10), 9, 1.0), ((9, 6), 0, 0.6), ((4, 4), 1, 0.25)])
 def test_gather_gradients_match_reference(neighbourhood, grid, num_global, keep):
+    """Through the outputs, and through the global attention that pruning ranks by (for the op: the
+    reference's global rows; for the model: ``global_attention_probs``)."""
     q, k, v, patch_index = inputs(7, 2, num_global, grid, keep, requires_grad=True)
     grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(1))
     grads = []
-    for fn in (sparse_attention_reference, sparse_attention):
-        out, attn = fn(q, k, v, grid, num_global, 3, neighbourhood, patch_index, return_global_attn=True,
-                       backend='gather')
+    for fn, attn_fn in ((sparse_attention_reference, _reference_global_rows), (sparse_attention, _global_probs)):
+        out = fn(q, k, v, grid, num_global, 3, neighbourhood, patch_index, backend='gather')
+        attn = attn_fn(q, k, grid, num_global, 3, neighbourhood, patch_index)
         loss = (out * grad_out).sum() + (attn * torch.linspace(0, 1, attn.shape[-1])).sum()
         grads.append(torch.autograd.grad(loss, (q, k, v)))
     for name, ref, got in zip('qkv', *grads):
@@ -100,9 +109,9 @@ def test_gather_pruned_tile_buckets_match_reference(neighbourhood):
     q, k, v = (torch.randn(2, 2, 401, 8, generator=torch.Generator().manual_seed(i)).requires_grad_()
                for i in range(3))
     results = []
-    for fn in (sparse_attention_reference, sparse_attention):
-        out, attn = fn(q, k, v, grid, 1, 4, neighbourhood, patch_index, return_global_attn=True,
-                       backend='gather')
+    for fn, attn_fn in ((sparse_attention_reference, _reference_global_rows), (sparse_attention, _global_probs)):
+        out = fn(q, k, v, grid, 1, 4, neighbourhood, patch_index, backend='gather')
+        attn = attn_fn(q, k, grid, 1, 4, neighbourhood, patch_index)
         loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + attn[..., ::3].sum()
         results.append((out, attn, *torch.autograd.grad(loss, (q, k, v))))
     for name, ref, got in zip(['out', 'global attn', 'dq', 'dk', 'dv'], *results):

@@ -5,7 +5,8 @@ The reference's geometry is checked against brute-force loops written here indep
 import pytest
 import torch
 
-from mmseg_sparsevit.ops import global_attention_probs, neighbourhood_mask, sparse_attention_reference, window_bounds
+from mmseg_sparsevit.ops import (global_attention_probs, neighbourhood_mask, sparse_attention_reference,
+                                 sparse_attention_reference_probs, window_bounds)
 from sparse_attention_cases import inputs
 
 
@@ -32,6 +33,14 @@ def test_sliding_window_clamps_inward_like_natten():
     assert ((hi - lo) == 4).all()  # always a full window when the axis is long enough
 
 
+def test_reference_output_is_its_probabilities_times_v():
+    q, k, v, patch_index = inputs(9, 2, 3, (5, 6), 0.6)
+    probs = sparse_attention_reference_probs(q, k, (5, 6), 3, 2, 'sliding', patch_index)
+    torch.testing.assert_close(sparse_attention_reference(q, k, v, (5, 6), 3, 2, 'sliding', patch_index), probs @ v)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert probs.shape == (2, 2, q.shape[2], q.shape[2])
+
+
 def test_pruned_mask_is_full_mask_restricted_to_kept_tokens():
     grid, num_global = (7, 9), 2
     keep = torch.tensor([[0, 3, 4, 10, 11, 30, 31, 40, 62], [1, 2, 5, 8, 20, 21, 22, 50, 61]])
@@ -48,8 +57,8 @@ def test_pruned_mask_is_full_mask_restricted_to_kept_tokens():
 def test_global_attention_probs_are_the_references_global_rows(neighbourhood, grid, num_global, keep):
     """Global rows do not depend on the window, the pattern or pruning: they see every token."""
     q, k, v, patch_index = inputs(6, 2, num_global, grid, keep)
-    _, ref_attn = sparse_attention_reference(q, k, v, grid, num_global, 2, neighbourhood, patch_index,
-                                             return_global_attn=True, scale=0.3)
+    ref_probs = sparse_attention_reference_probs(q, k, grid, num_global, 2, neighbourhood, patch_index, scale=0.3)
+    ref_attn = ref_probs[:, :, :num_global, num_global:]
     probs = global_attention_probs(q, k, num_global, 0.3)
     torch.testing.assert_close(probs, ref_attn, atol=1e-6, rtol=1e-5)
     dense = torch.softmax(q[:, :, :num_global] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
@@ -59,8 +68,8 @@ def test_global_attention_probs_are_the_references_global_rows(neighbourhood, gr
 @pytest.mark.parametrize('dtype,tol', [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
 def test_global_attention_probs_low_precision_close_to_reference(dtype, tol):
     """Low-precision inputs: probabilities within tol (of the largest) of float32, in the input dtype."""
-    q, k, v, _ = inputs(8, 1, 1, (16, 16), dim=16)
-    ref = sparse_attention_reference(q, k, v, (16, 16), 1, 4, return_global_attn=True)[1]
+    q, k, _, _ = inputs(8, 1, 1, (16, 16), dim=16)
+    ref = sparse_attention_reference_probs(q, k, (16, 16), 1, 4)[:, :, :1, 1:]
     probs = global_attention_probs(q.to(dtype), k.to(dtype), 1)
     assert probs.dtype == dtype
     torch.testing.assert_close(probs.float(), ref, atol=tol * ref.max().item(), rtol=0)

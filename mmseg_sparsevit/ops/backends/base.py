@@ -16,7 +16,7 @@ class AttentionBackend(NamedTuple):
     """A backend: how to run it, when it must not, and which of its errors mean it is broken for good.
 
     ``run(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale, automatic=...)``
-    takes validated arguments and returns (output, global probabilities over patches); it raises
+    takes validated arguments and returns the output, (B, heads, G + M, dv); it raises
     ``BackendRefusedError`` for a call it cannot take.  ``why_not(q, k, v, automatic=..., num_slots=...)``
     says why the backend cannot (or, when ``automatic``, should not) take these inputs, None if it can;
     ``num_slots`` is the grid's cells + global tokens.  ``failures()`` returns the exception types of
@@ -24,6 +24,6 @@ class AttentionBackend(NamedTuple):
     imports wait until an error is raised); an automatic choice then stops using the backend, while any
     other error propagates.
     """
-    run: Callable[..., tuple[Tensor, Tensor]]
+    run: Callable[..., Tensor]
     why_not: Callable[..., Optional[str]]
     failures: Callable[[], tuple[type[BaseException], ...]] = tuple

@@ -4,7 +4,7 @@ Patch tokens are laid out tile-major (one window_size x window_size tile after a
 where the grid ends or tokens were pruned), followed by the global keys.  In that order the pattern is
 block-sparse, so a ``BlockMask`` built directly from tile adjacency (never from an N x N mask) lets
 the compiled kernel skip all far-away key blocks; ``mask_mod`` makes the kept blocks exact.  Global
-query rows are computed densely beside it (G rows), which also yields their attention probabilities.
+query rows are computed densely beside it (G rows).
 """
 import inspect
 import logging
@@ -238,8 +238,8 @@ def _run_compiled(q_s: Tensor, k_s: Tensor, v_s: Tensor, block_mask: 'BlockMask'
 def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
                            window_size: int, neighbourhood: Neighbourhood,
                            patch_index: Optional[Tensor], scale: float,
-                           compiled: bool = True) -> tuple[Tensor, Tensor]:
-    """Sparse attention on validated arguments; returns (output, global probabilities over patches).
+                           compiled: bool = True) -> Tensor:
+    """Sparse attention on validated arguments, (B, heads, G + M, dv).
 
     Raises ``FlexNotCompiledError`` instead of ever running flex eagerly by accident.  ``compiled=False``
     runs FlexAttention eagerly, which materialises the full score matrix: only for tests on small inputs
@@ -267,13 +267,12 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, 
             warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')
             out = flex_attention(q_s, k_s, v_s, block_mask=block_mask, scale=scale)
     patch_out = _take_tokens(out, layout.token_slot)
-    global_out, global_probs = global_rows(q, k, v, num_global, scale)
-    return torch.cat([global_out, patch_out], dim=2), global_probs
+    return torch.cat([global_rows(q, k, v, num_global, scale), patch_out], dim=2)
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
          neighbourhood: Neighbourhood, patch_index: Optional[Tensor], scale: float,
-         automatic: bool) -> tuple[Tensor, Tensor]:
+         automatic: bool) -> Tensor:
     """Compiled flex.  Where it cannot compile, an automatic call is refused (never run eagerly: O(N^2)
     memory); a requested call runs uncompiled only while its dense scores are small, else it raises."""
     args = (q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index, scale)

@@ -126,8 +126,8 @@ def _token_rows(x: Tensor) -> Tensor:
 
 def gather_attention(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
                      window_size: int, neighbourhood: Neighbourhood, patch_index: Tensor | None,
-                     scale: float) -> tuple[Tensor, Tensor]:
-    """Sparse attention on validated arguments; returns (output, global probabilities over patches)."""
+                     scale: float) -> Tensor:
+    """Sparse attention on validated arguments, (B, heads, G + M, dv)."""
     batch, heads, num_tokens, _ = q.shape
     num_patches = num_tokens - num_global
     layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
@@ -147,11 +147,10 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], 
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     del outs, rows
     patch_out = out.index_select(0, token_rows).view(batch, num_patches, heads, -1).transpose(1, 2)
-    global_out, global_probs = global_rows(q, k, v, num_global, scale)
-    return torch.cat([global_out, patch_out], dim=2), global_probs
+    return torch.cat([global_rows(q, k, v, num_global, scale), patch_out], dim=2)
 
 
-def _run(*args, automatic: bool) -> tuple[Tensor, Tensor]:
+def _run(*args, automatic: bool) -> Tensor:
     return gather_attention(*args)
 
 

@@ -15,8 +15,6 @@ def global_probs(q: Tensor, k: Tensor, num_global: int, scale: float) -> Tensor:
     return scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
 
 
-def global_rows(q: Tensor, k: Tensor, v: Tensor, num_global: int,
-                scale: float) -> tuple[Tensor, Tensor]:
-    """Return the global tokens' outputs (B, h, G, dv) and their probabilities over patches (B, h, G, M)."""
-    probs = global_probs(q, k, num_global, scale)
-    return probs @ v, probs[..., num_global:]
+def global_rows(q: Tensor, k: Tensor, v: Tensor, num_global: int, scale: float) -> Tensor:
+    """The global tokens' attention outputs, (B, h, G, dv)."""
+    return global_probs(q, k, num_global, scale) @ v
