@@ -199,6 +199,17 @@ def test_attention_settings_reach_the_kernel() -> None:
     assert all(b.attn.sparse_attn is None and not b.attn.fused_attn for b in dense.blocks)
 
 
+@pytest.mark.parametrize('attn_mode', ['dense', 'sparse'])
+@pytest.mark.parametrize(('kwargs', 'match'), [
+    (dict(window_size=0), 'window_size.*0'), (dict(window_size=-1), 'window_size.*-1'),
+    (dict(window_size=2.5), 'window_size.*2.5'), (dict(neighbourhood='blocks'), "neighbourhood.*'blocks'"),
+    (dict(sparse_backend='flexx'), "backend.*'flexx'"),
+])
+def test_bad_attention_settings_fail_at_build_time(attn_mode: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SparseViT('uni2-h', **TINY, attn_mode=attn_mode, **kwargs)
+
+
 def test_bad_attn_mode_fails_at_build_time() -> None:
     with pytest.raises(ValueError, match="attn_mode must be one of .*got 'sprase'"):
         SparseViT('uni2-h', **TINY, attn_mode='sprase')
