@@ -92,3 +92,28 @@ def test_second_feature_extraction_into_one_file_refuses(tmp_path):
         with pytest.raises(RunLockedError, match=f'feature file {out} is in use by another run'):
             extract_features(ExtractionConfig(size=32), [], [], str(out), overwrite=True)
     assert os.listdir(tmp_path) == []
+
+
+_FORKING_HOLDER = '''
+import os, sys, time
+from mmseg_sparsevit.engine import RunLock
+RunLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a data-loader worker
+    time.sleep(120)
+    os._exit(0)
+print('HELD', flush=True)
+time.sleep(120)
+'''
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_run(tmp_path):
+    path = tmp_path / 'x.lock'
+    proc = subprocess.Popen([sys.executable, '-c', _FORKING_HOLDER, str(path)], cwd=ROOT, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == 'HELD'
+        proc.kill()  # the run dies, its worker lives on
+        proc.wait()
+        RunLock(str(path)).acquire().release()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned worker

@@ -21,7 +21,7 @@ import os.path as osp
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Set
 
 from mmengine.dist import broadcast_object_list, get_dist_info
 from mmengine.logging import print_log
@@ -31,6 +31,21 @@ __all__ = ['RunLock', 'RunLockedError', 'WORK_DIR_LOCK_NAME', 'locked_work_dir']
 WORK_DIR_LOCK_NAME = '.train.lock'
 # errnos of file systems that do not support flock at all (as opposed to "held by someone else")
 _UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+# Descriptors of the locks this process holds. A forked child (a data-loader worker) closes its copies, so a
+# lock ends with the process that took it rather than with its last surviving child.
+_HELD_FDS: Set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunLockedError(RuntimeError):
@@ -97,6 +112,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     def release(self) -> None:
@@ -105,6 +121,7 @@ class RunLock:
             return
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
+        _HELD_FDS.discard(self._fd)
         os.close(self._fd)  # closing the last descriptor drops the flock
         self._fd = None
 
