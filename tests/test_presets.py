@@ -4,8 +4,12 @@ config.json / model card) to 1e-5 in dense mode, at 224 px and at a larger size,
 its authors prescribe.
 
 The references below are written from the model cards independently of ``presets.py``; only the depth is
-reduced (2 blocks), widths are the real ones.
+reduced (2 blocks), widths are the real ones. Models published in ``transformers``' layout (Phikon, Phikon-v2,
+Hibou) are built with ``transformers`` from their config.json values, saved with ``save_pretrained`` (which
+writes the hub's key layout) and loaded through SparseViT's own loader, so the key conversion is part of what
+is checked.
 """
+from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import pytest
@@ -13,6 +17,8 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import SwiGLUPacked
+from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig,
+                          ViTModel)
 
 from mmseg_sparsevit.models import SparseViT
 from mmseg_sparsevit.models.presets import ARCH_PRESETS, PRETRAINED
@@ -95,7 +101,54 @@ def test_timm_presets_equal_the_hub_architecture(preset: str) -> None:
         torch.testing.assert_close(model.pool(tokens), embedding(expected), atol=1e-5, rtol=0)
 
 
+# preset -> (transformers model built from the hub config.json values, the model card's tile embedding)
+TRANSFORMERS_REFERENCES: Dict[str, Tuple[Callable[[int], nn.Module], Callable]] = {
+    'phikon': (lambda depth: ViTModel(ViTConfig(
+        hidden_size=768, num_hidden_layers=depth, num_attention_heads=12, intermediate_size=3072, hidden_act='gelu',
+        layer_norm_eps=1e-12, image_size=224, patch_size=16, qkv_bias=True)),
+        lambda out: out.last_hidden_state[:, 0]),
+    'phikon-v2': (lambda depth: Dinov2Model(Dinov2Config(
+        hidden_size=1024, num_hidden_layers=depth, num_attention_heads=16, mlp_ratio=4, image_size=224,
+        patch_size=16, layer_norm_eps=1e-6, use_swiglu_ffn=False, qkv_bias=True)),
+        lambda out: out.last_hidden_state[:, 0]),
+    'hibou-b': (lambda depth: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=768, num_hidden_layers=depth, num_attention_heads=12, mlp_ratio=4, image_size=224,
+        patch_size=14, num_register_tokens=4, use_swiglu_ffn=True, layer_norm_eps=1e-6, qkv_bias=True)),
+        lambda out: out.pooler_output),
+}
+
+
+def sharpen_transformers(model: nn.Module) -> None:
+    """``sharpen`` for transformers' names (layer scale ``lambda1``, query projection ``q_proj``)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('lambda1'):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith('q_proj.weight'):
+                param.mul_(4)
+
+
+@pytest.mark.parametrize('preset', sorted(TRANSFORMERS_REFERENCES))
+def test_transformers_presets_equal_the_hub_architecture(preset: str, tmp_path: Path) -> None:
+    build, embedding = TRANSFORMERS_REFERENCES[preset]
+    torch.manual_seed(0)
+    ref = build(DEPTH).eval()
+    sharpen_transformers(ref)
+    ref.save_pretrained(tmp_path)  # the hub's (legacy) key layout: query/key/value, weights_in, layernorm_before
+    model = SparseViT(preset, depth=DEPTH, pretrained=str(tmp_path / 'model.safetensors')).eval()
+    model.init_weights()
+    for size in (224, larger_size(preset)):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            out = ref(pixel_values=x, **({'interpolate_pos_encoding': True} if preset == 'phikon' else {}))
+            tokens = model.forward_features(x)
+        assert tokens.shape == out.last_hidden_state.shape
+        torch.testing.assert_close(tokens, out.last_hidden_state, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.pool(tokens), embedding(out), atol=1e-5, rtol=0)
+
+
 def test_every_pretrained_preset_has_a_reference() -> None:
     """The equality tests above (and the transformers-layout ones) cover each published preset."""
     assert set(PRETRAINED) <= set(ARCH_PRESETS)
-    assert set(TIMM_REFERENCES) == set(PRETRAINED)
+    assert set(TIMM_REFERENCES) | set(TRANSFORMERS_REFERENCES) == set(PRETRAINED)

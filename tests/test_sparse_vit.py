@@ -236,7 +236,9 @@ def test_out_indices_and_frozen() -> None:
         SparseViT('vit-s', embed_dim=64, depth=4, num_heads=2, out_indices=4)
 
 
-@pytest.mark.parametrize('arch', sorted(ARCH_PRESETS))
+# Hibou's registers have no position embedding while its class token has one, which timm's ViT cannot build;
+# tests/test_presets.py checks it against transformers' model instead.
+@pytest.mark.parametrize('arch', sorted(a for a, arch in ARCH_PRESETS.items() if arch.reg_pos_embed))
 def test_full_size_presets_match_timm_layout(arch: str) -> None:
     """Full-size models on the meta device: identical state-dict keys and shapes to timm's model."""
     with torch.device('meta'):

@@ -5,10 +5,8 @@ model's published outputs at a new input size when it uses the same rule:
 
 * ``'timm'``: bicubic to the target size with antialiasing (timm's ``resample_abs_pos_embed``, used by timm
   models with ``dynamic_img_size``);
-* ``'bicubic'``: bicubic to the target size without antialiasing (``transformers``' ViT);
-* ``'dinov2'``: bicubic by the scale factor ``(n + 0.1) / N`` per side, without antialiasing (the original
-  DINOv2 code and the DINOv2 models derived from it). The offset changes the sampling positions, not just the
-  output size.
+* ``'bicubic'``: bicubic to the target size without antialiasing (``transformers``' ViT and DINOv2 in
+  transformers 5; older releases and the original DINOv2 code used other rules, see the docs).
 
 Stateless, torch and timm only; serves both checkpoint loading and the per-input resize.
 """
@@ -19,8 +17,6 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from .presets import POS_EMBED_RESIZES, PosEmbedResize
-
-DINOV2_OFFSET = 0.1
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_size: Sequence[int], old_size: Sequence[int],
@@ -43,12 +39,6 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_size: Sequence[int], old_size:
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
     grid = grid.float().reshape(1, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)
-    if mode == 'bicubic':
-        grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
-    else:
-        scale = tuple((new + DINOV2_OFFSET) / old for new, old in zip(new_size, old_size))
-        grid = F.interpolate(grid, scale_factor=scale, mode='bicubic', align_corners=False)
-        if tuple(grid.shape[-2:]) != new_size:  # floor(old * scale) == new for any sane sizes
-            raise RuntimeError(f'dinov2 pos_embed resize gave grid {tuple(grid.shape[-2:])}, expected {new_size}')
+    grid = F.interpolate(grid, size=new_size, mode='bicubic', align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)

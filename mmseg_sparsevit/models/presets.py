@@ -22,8 +22,8 @@ MlpKind = Literal['mlp', 'swiglu_packed']
 GlobalPool = Literal['token', 'avg', 'token+avg']
 GLOBAL_POOLS = ('token', 'avg', 'token+avg')
 # How ``pos_embed`` is resized to an input grid other than the stored one (see ``models/pos_embed.py``).
-PosEmbedResize = Literal['timm', 'bicubic', 'dinov2']
-POS_EMBED_RESIZES = ('timm', 'bicubic', 'dinov2')
+PosEmbedResize = Literal['timm', 'bicubic']
+POS_EMBED_RESIZES = ('timm', 'bicubic')
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,8 +37,7 @@ class ViTArch:
     ``reg_pos_embed=False`` means the registers are inserted after the position embedding was added, so
     ``pos_embed`` covers the class token and the patches only (DINOv2 with registers in ``transformers``).
     ``pos_embed_resize`` is how ``pos_embed`` is resized to another input grid: ``'timm'`` (bicubic,
-    antialiased, to the target size), ``'bicubic'`` (bicubic to the target size, no antialiasing) or
-    ``'dinov2'`` (bicubic by the scale factor ``(n + 0.1) / N``, the original DINOv2 code).
+    antialiased) or ``'bicubic'`` (bicubic without antialiasing, ``transformers``' ViT and DINOv2).
     """
 
     embed_dim: int
@@ -146,6 +145,23 @@ ARCH_PRESETS: Dict[str, ViTArch] = {
     'gigapath': ViTArch(
         embed_dim=1536, depth=40, num_heads=24, patch_size=16, mlp_ratio=5.33334,
         mlp_layer='swiglu_packed', init_values=1e-5),
+    # Phikon: owkin/phikon config.json (transformers ViTModel: hidden 768, 12 layers, 12 heads, intermediate
+    # 3072, layer_norm_eps 1e-12, patch 16, image 224, qkv_bias); no layer scale; transformers' ViT resizes
+    # pos_embed bicubic without antialiasing.
+    'phikon': ViTArch(
+        embed_dim=768, depth=12, num_heads=12, patch_size=16, norm_eps=1e-12, pos_embed_resize='bicubic'),
+    # Phikon-v2: owkin/phikon-v2 model card (transformers Dinov2Model, ViT-L/16, no registers, no SwiGLU) and
+    # Filiot et al. 2024 (224 px global crops, so a 14 x 14 pos_embed grid); DINOv2 blocks carry layer scale;
+    # transformers' DINOv2 resizes pos_embed bicubic without antialiasing.
+    'phikon-v2': ViTArch(
+        embed_dim=1024, depth=24, num_heads=16, patch_size=16, init_values=1e-5, pos_embed_resize='bicubic'),
+    # Hibou-B: histai/hibou-b config.json (Dinov2ModelWithRegisters: hidden 768, 12 layers, 12 heads, patch 14,
+    # image 224, 4 registers, use_swiglu_ffn, mlp_ratio 4 -> SwiGLU hidden 2048, layer_norm_eps 1e-6) and
+    # github.com/HistAI/hibou (registers inserted after the position embedding; pos_embed resized by size with
+    # antialiasing, interpolate_offset=0, as timm does).
+    'hibou-b': ViTArch(
+        embed_dim=768, depth=12, num_heads=12, patch_size=14, mlp_ratio=5.3334, mlp_layer='swiglu_packed',
+        init_values=1e-5, reg_tokens=4, reg_pos_embed=False),
     'vit-s': ViTArch(embed_dim=384, depth=12, num_heads=6, patch_size=16),
     'vit-b': ViTArch(embed_dim=768, depth=12, num_heads=12, patch_size=16),
     'vit-l': ViTArch(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
@@ -203,6 +219,15 @@ PRETRAINED: Dict[str, PretrainedModel] = {
     'gigapath': PretrainedModel(
         'prov-gigapath/prov-gigapath', 'pytorch_model.bin', 'Apache-2.0', True,
         source='config.json model_args, gigapath demo/load_tile_encoder.py (ImageNet transform); TRIDENT gigapath'),
+    'phikon': PretrainedModel(
+        'owkin/phikon', 'pytorch_model.bin', 'see model card', False,
+        source='config.json (transformers ViTModel); TRIDENT phikon (ImageNet constants, CLS token)'),
+    'phikon-v2': PretrainedModel(
+        'owkin/phikon-v2', 'model.safetensors', 'Owkin non-commercial (LICENSE.pdf)', False,
+        source='model card (transformers Dinov2Model), Filiot et al. 2024; TRIDENT phikon_v2 (ImageNet, CLS)'),
+    'hibou-b': PretrainedModel(
+        'histai/hibou-b', 'model.safetensors', 'Apache-2.0', False, HIBOU_MEAN, HIBOU_STD,
+        source='config.json, github.com/HistAI/hibou; TRIDENT hibou constants and pooler_output (CLS)'),
 }
 
 
