@@ -1,5 +1,5 @@
 """tools/train.py -> --resume -> tools/test.py on generated demo data (CPU, 2 + 1 iterations),
-plus the config plumbing of mmseg_sparsevit.apis and tools/run_segpath.py without training.
+plus the config plumbing of mmseg_sparsevit.cli (runner, segpath_runs) without training.
 
 The cycle runs the tools as separate processes, the way users run them, so that the
 checkpoint written by one process is loaded by a fresh one (torch >= 2.6 ``weights_only``).
@@ -15,9 +15,9 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 
-from mmseg_sparsevit.apis import configure_testing, configure_training, load_config
-from mmseg_sparsevit.apis.segpath_runs import (family_configs, family_runs, find_checkpoint, run_family,
-                                               summarize_family)
+from mmseg_sparsevit.cli.runner import configure_testing, configure_training, load_config
+from mmseg_sparsevit.cli.segpath_runs import (entry_point_command, family_configs, family_runs, find_checkpoint,
+                                              run_family, summarize_family)
 from mmseg_sparsevit.datasets import get_antigen
 from mmseg_sparsevit.datasets.synthetic import make_demo_data
 from mmseg_sparsevit.evaluation import load_results, save_results
@@ -150,10 +150,30 @@ def test_run_segpath_dry_run_trains_and_tests_each_antigen(tmp_path):
                           extra_args=['--amp']) == []
     finally:
         logger.removeFilter(keep)
-    commands = [m for m in logged if 'tools/' in m]
-    assert [re.search(r'tools/(\w+)\.py', c)[1] for c in commands] == ['train', 'test'] * 2
+    commands = [m for m in logged if ' -m mmseg_sparsevit.cli.' in m]
+    assert [re.search(r'-m mmseg_sparsevit\.cli\.(\w+) ', c)[1] for c in commands] == ['train', 'test'] * 2
     assert all(c.endswith('--amp') for c in commands)
     assert f'{tmp_path}/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-MNDA-448x448' in commands[2]
+
+
+def test_entry_point_commands_run_package_modules():
+    # Modules of the package, not scripts of the repository's tools/ folder (which pip install does not ship).
+    assert entry_point_command('train', ['cfg.py']) == [sys.executable, '-m', 'mmseg_sparsevit.cli.train', 'cfg.py']
+    assert entry_point_command('test', ['cfg.py', 'x.pth'], gpus=4) == [
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=4', '-m', 'mmseg_sparsevit.cli.test',
+        'cfg.py', 'x.pth', '--launcher', 'pytorch']
+    with pytest.raises(ValueError, match='summarize'):
+        entry_point_command('summarize', [])
+
+
+def test_entry_points_run_as_modules_outside_the_repository(tmp_path):
+    # cwd outside the repository and no PYTHONPATH: the package as installed (make env installs it editable).
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    for module in ('train', 'test', 'run_segpath'):
+        proc = subprocess.run([sys.executable, '-m', f'mmseg_sparsevit.cli.{module}', '--help'], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.startswith('usage: ') and ('family' if module == 'run_segpath' else 'config') in proc.stdout
 
 
 def test_find_checkpoint_prefers_best_then_last(tmp_path):
@@ -167,8 +187,6 @@ def test_find_checkpoint_prefers_best_then_last(tmp_path):
     best.write_bytes(b'')
     assert find_checkpoint(str(tmp_path)) == str(best)
     assert find_checkpoint(str(tmp_path), 'last') == str(last)
-
-
 
 
 def test_summarize_family_tabulates_the_antigens_that_ran(tmp_path):

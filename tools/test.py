@@ -1,44 +1,10 @@
 """Test a checkpoint and write the SegPath result file (mmseg's tools/test.py for this plugin).
 
-Metrics go to the log and, for SegPath configs, to ``<work_dir>/segpath_metrics.json``
-(collect them with tools/summarize_segpath.py).
-
-Examples::
-
-    python tools/test.py CONFIG work_dirs/run/iter_300.pth
-    python tools/test.py CONFIG CKPT --show-dir work_dirs/run/vis     # PNG overlays of predictions
-    python tools/test.py CONFIG CKPT --out work_dirs/run/pred         # class-index PNGs
+Repository shim of ``python -m mmseg_sparsevit.cli.test``; see that module for the options and examples.
 """
-import argparse
 import sys
-from typing import List, Optional
 
-from mmseg_sparsevit.apis import (add_runner_arguments, build_runner, configure_testing, load_config,
-                                  parse_runner_arguments, write_segpath_results)
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('config', help='test config file')
-    parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--show-dir', help='save prediction overlays (PNG) under this folder')
-    parser.add_argument('--out', help='save predicted class maps (PNG) to this folder')
-    parser.add_argument('--tag', help="run tag in the result file (default: the config's segpath_tag "
-                        'or its file name)')
-    add_runner_arguments(parser, 'test_dataloader.dataset.split=val')
-    return parse_runner_arguments(parser, argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    configure_testing(cfg, args.checkpoint, show_dir=args.show_dir, out=args.out, amp=args.amp)
-    runner = build_runner(cfg)
-    metrics = runner.test()
-    if runner.rank == 0:
-        write_segpath_results(cfg, args.config, args.checkpoint, metrics, tag=args.tag)
-    return 0
-
+from mmseg_sparsevit.cli.test import main
 
 if __name__ == '__main__':
     sys.exit(main())

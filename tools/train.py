@@ -1,38 +1,10 @@
 """Train a segmentor from an mmseg config (mmseg's tools/train.py for this plugin).
 
-Examples::
-
-    python tools/train.py configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py
-    python tools/train.py CONFIG --work-dir work_dirs/run --amp --resume            # latest in work dir
-    python tools/train.py CONFIG --resume work_dirs/run/iter_2000.pth
-    torchrun --nproc_per_node 4 tools/train.py CONFIG --launcher pytorch
+Repository shim of ``python -m mmseg_sparsevit.cli.train``; see that module for the options and examples.
 """
-import argparse
 import sys
-from typing import List, Optional
 
-from mmseg_sparsevit.apis import (add_runner_arguments, build_runner, configure_training, load_config,
-                                  parse_runner_arguments)
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('config', help='train config file')
-    parser.add_argument(
-        '--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
-        help='resume training: alone, from the latest checkpoint in the work dir; '
-        'with a path, from that checkpoint')
-    add_runner_arguments(parser, 'model.backbone.vit_cfg.window_size=16')
-    return parse_runner_arguments(parser, argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    configure_training(cfg, resume=args.resume, amp=args.amp)
-    build_runner(cfg).train()
-    return 0
-
+from mmseg_sparsevit.cli.train import main
 
 if __name__ == '__main__':
     sys.exit(main())

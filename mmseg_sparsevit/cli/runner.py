@@ -1,6 +1,6 @@
-"""Config and runner set-up behind ``tools/train.py`` and ``tools/test.py``.
+"""Config and runner set-up behind ``python -m mmseg_sparsevit.cli.train`` and ``cli.test``.
 
-The tools stay argument parsers; what they do to a config lives here so that both share it
+The entry points stay argument parsers; what they do to a config lives here so that both share it
 and tests can call it. Importing this module imports ``mmseg_sparsevit``, which registers the
 plugin and makes mmengine checkpoints loadable under torch >= 2.6 before any runner exists.
 """
@@ -22,7 +22,7 @@ LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
 
 def add_runner_arguments(parser: argparse.ArgumentParser, cfg_example: str) -> None:
-    """The options tools/train.py and tools/test.py share: --work-dir, --amp, --cfg-options,
+    """The options the train and test entry points share: --work-dir, --amp, --cfg-options,
     --launcher and --local-rank (which ``torch.distributed.launch`` passes)."""
     parser.add_argument('--work-dir', help='logs, checkpoints and result files go here')
     parser.add_argument('--amp', action='store_true', help='mixed precision (fp16)')

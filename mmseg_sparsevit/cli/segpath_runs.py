@@ -2,9 +2,10 @@
 
 An experiment ("family") is one config per antigen that differ only in the antigen, e.g.
 ``configs/segpath/{antigen}/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-{antigen}-448x448.py``.
-Each antigen runs ``tools/train.py`` and ``tools/test.py`` in its own process (so a crash or a
-CUDA out-of-memory in one antigen leaves the others alone) and the result files are collected
-into the paper's MPA / IoU / Dice table.
+Each antigen runs ``python -m mmseg_sparsevit.cli.train`` and ``... cli.test`` in its own process (so a
+crash or a CUDA out-of-memory in one antigen leaves the others alone) and the result files are collected
+into the paper's MPA / IoU / Dice table. The entry points are modules of the package, so this works from
+an installed package as well as from the repository.
 """
 import glob
 import os.path as osp
@@ -18,7 +19,7 @@ from mmengine.logging import print_log
 from mmseg_sparsevit.datasets.segpath import SEGPATH_ANTIGENS
 from mmseg_sparsevit.evaluation.summary import PAPER_METRICS, rows_to_markdown, summarize_segpath, write_csv
 
-TOOLS = Path(__file__).resolve().parents[2] / 'tools'
+ENTRY_POINTS = {'train': 'mmseg_sparsevit.cli.train', 'test': 'mmseg_sparsevit.cli.test'}
 
 
 class SegPathRun(NamedTuple):
@@ -78,13 +79,16 @@ def find_checkpoint(work_dir: str, which: str = 'best') -> str:
     raise FileNotFoundError(f'no checkpoint in {work_dir} (no best_*.pth, no valid last_checkpoint)')
 
 
-def tool_command(tool: str, args: Sequence[str], gpus: int = 1) -> List[str]:
-    """``python tools/<tool> ARGS``, through ``torch.distributed.run`` for several GPUs."""
-    script = str(TOOLS / tool)
+def entry_point_command(step: str, args: Sequence[str], gpus: int = 1) -> List[str]:
+    """``python -m mmseg_sparsevit.cli.<step> ARGS`` (step: train or test), through
+    ``torch.distributed.run -m`` for several GPUs."""
+    if step not in ENTRY_POINTS:
+        raise ValueError(f'step must be one of {list(ENTRY_POINTS)}, got {step!r}')
+    module = ENTRY_POINTS[step]
     if gpus > 1:
-        return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={gpus}', script,
+        return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={gpus}', '-m', module,
                 *args, '--launcher', 'pytorch']
-    return [sys.executable, script, *args]
+    return [sys.executable, '-m', module, *args]
 
 
 def _call(command: List[str], dry_run: bool) -> bool:
@@ -113,17 +117,17 @@ def run_family(family: str,
                keep_going: bool = False) -> List[str]:
     """Train (unless ``train=False``) and test every antigen; return the antigens that failed.
 
-    ``extra_args`` go to both tools (e.g. ``--amp``, ``--cfg-options ...``). With ``dry_run``
+    ``extra_args`` go to both steps (e.g. ``--amp``, ``--cfg-options ...``). With ``dry_run``
     the commands are only printed.
     """
     failed = []
     for run in family_runs(family, work_dir_root, antigens):
         common = ['--work-dir', run.work_dir, *extra_args]
-        ok = not train or _call(tool_command('train.py', [run.config, *common], gpus), dry_run)
+        ok = not train or _call(entry_point_command('train', [run.config, *common], gpus), dry_run)
         if ok:
             ckpt = _test_checkpoint(run, checkpoint, dry_run)
             ok = ckpt is not None and _call(
-                tool_command('test.py', [run.config, ckpt, *common], gpus), dry_run)
+                entry_point_command('test', [run.config, ckpt, *common], gpus), dry_run)
         if not ok:
             failed.append(run.antigen)
             print_log(f'{run.antigen}: failed ({run.config})', logger='current')
