@@ -5,6 +5,17 @@ from typing import Callable
 
 import pytest
 
+# Prepended to fresh-interpreter code: makes mmseg, mmcv and mmdet unimportable, as on a machine with only
+# torch, timm and mmengine.
+HIDE_OPENMMLAB = (
+    'import sys\n'
+    'class _HideOpenMMLab:\n'
+    '    def find_spec(self, name, path=None, target=None):\n'
+    "        if name.split('.')[0] in ('mmseg', 'mmcv', 'mmdet'):\n"
+    "            raise ImportError(f'{name} hidden by the test')\n"
+    'sys.meta_path.insert(0, _HideOpenMMLab())\n'
+)
+
 
 @pytest.fixture
 def run_fresh_python() -> Callable[[str], str]:
@@ -17,3 +28,10 @@ def run_fresh_python() -> Callable[[str], str]:
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
     return run
+
+
+@pytest.fixture
+def run_without_openmmlab(run_fresh_python) -> Callable[[str], str]:
+    """``run_fresh_python`` with mmseg, mmcv and mmdet hidden (importing them raises ImportError)."""
+    return lambda code: run_fresh_python(HIDE_OPENMMLAB + code)
+
