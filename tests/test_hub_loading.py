@@ -13,6 +13,8 @@ from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig, ViTModel
+from transformers.core_model_loading import revert_weight_conversion
 
 from mmseg_sparsevit.models import SparseViT, get_arch, timm_kwargs
 from mmseg_sparsevit.models.hub import HubWeightsError, candidate_files, parse_hub_name
@@ -127,6 +129,49 @@ def test_offline_without_cache_says_what_to_do(offline_cache: Path) -> None:
     assert 'hf download MahmoodLab/UNI2-h pytorch_model.bin' in message
 
 
+def transformers_hub_state(preset: str) -> Dict[str, torch.Tensor]:
+    """Random weights in the key layout the hub repository holds (what ``save_pretrained`` writes), depth 1."""
+    torch.manual_seed(0)
+    if preset == 'phikon':
+        model = ViTModel(ViTConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, layer_norm_eps=1e-12))
+    else:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+            hidden_size=768, num_hidden_layers=1, num_attention_heads=12, patch_size=14, image_size=224,
+            num_register_tokens=4, use_swiglu_ffn=True))
+    return {k: v.contiguous() for k, v in revert_weight_conversion(model, model.state_dict()).items()}
+
+
+@pytest.mark.parametrize(('preset', 'repo_id', 'filename'), [
+    ('phikon', 'owkin/phikon', 'pytorch_model.bin'), ('hibou-b', 'histai/hibou-b', 'model.safetensors')])
+def test_transformers_layout_repository_loads_by_name(offline_cache: Path, preset: str, repo_id: str,
+                                                      filename: str) -> None:
+    state = transformers_hub_state(preset)
+    assert any('attention.attention.query' in k for k in state)  # the hub's layout, not timm's
+    cache_repo(offline_cache, repo_id, {filename: state})
+    model = SparseViT(preset, depth=1, pretrained=f'hf-hub:{repo_id}')
+    model.init_weights()
+    q, k, v = (state[f'encoder.layer.0.attention.attention.{p}.weight'] for p in ('query', 'key', 'value'))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, torch.cat([q, k, v]))
+    assert torch.equal(model.pos_embed, state['embeddings.position_embeddings'])
+
+
+def test_wrong_key_in_a_transformers_file_is_named(offline_cache: Path) -> None:
+    state = transformers_hub_state('hibou-b')
+    state['encoder.layer.0.mlp.weights_in_typo.weight'] = state.pop('encoder.layer.0.mlp.weights_in.weight')
+    del state['encoder.layer.0.attention.attention.value.bias']
+    cache_repo(offline_cache, 'histai/hibou-b', {'model.safetensors': state})
+    model = SparseViT('hibou-b', depth=1, pretrained='hf-hub:histai/hibou-b')
+    partial_qkv = r"encoder.layer.0 has the attention bias of \['key', 'query'\] but not of \['value'\]"
+    with pytest.raises(KeyError, match=partial_qkv):
+        model.init_weights()
+    state['encoder.layer.0.attention.attention.value.bias'] = torch.zeros(768)
+    save_file(state, str(next(offline_cache.glob('models--histai--hibou-b/blobs/*'))))  # the cached file, fixed
+    with pytest.raises(KeyError) as info:
+        model.init_weights()
+    assert "missing keys ['blocks.0.mlp.fc1.weight']" in str(info.value)
+    assert "unexpected keys ['encoder.layer.0.mlp.weights_in_typo.weight']" in str(info.value)
+
+
 def http_error(cls, status: int, repo_id: str):
     url = f'https://huggingface.co/{repo_id}/resolve/main/pytorch_model.bin'
     return cls(f'{status} Client Error', response=httpx2.Response(status, request=httpx2.Request('GET', url)))
@@ -135,7 +180,8 @@ def http_error(cls, status: int, repo_id: str):
 @pytest.mark.parametrize(('error', 'expected'), [
     (lambda: http_error(GatedRepoError, 403, 'paige-ai/Virchow2'),
      'is gated; request access at https://huggingface.co/paige-ai/Virchow2 and set HF_TOKEN'),
-    (lambda: http_error(RepositoryNotFoundError, 404, 'paige-ai/Virchow2'), 'no such repository on the Hugging Face hub'),
+    (lambda: http_error(RepositoryNotFoundError, 404, 'paige-ai/Virchow2'),
+     'no such repository on the Hugging Face hub'),
     (lambda: http_error(RevisionNotFoundError, 404, 'paige-ai/Virchow2'), 'has no revision'),
 ])
 def test_hub_errors_become_one_sentence(monkeypatch: pytest.MonkeyPatch, error, expected: str) -> None:

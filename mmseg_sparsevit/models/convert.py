@@ -90,7 +90,7 @@ def transformers_to_timm(state: StateDict, prefix: str = '') -> Tuple[StateDict,
     for (index, param), parts in sorted(qkv.items()):
         missing = [p for p in ('query', 'key', 'value') if p not in parts]
         if missing:
-            raise KeyError(f'encoder.layer.{index} has attention {param}s {sorted(parts)} but not {missing}; '
+            raise KeyError(f'encoder.layer.{index} has the attention {param} of {sorted(parts)} but not of {missing}; '
                            f'cannot build blocks.{index}.attn.qkv.{param}')
         out[f'blocks.{index}.attn.qkv.{param}'] = torch.cat([parts['query'], parts['key'], parts['value']], dim=0)
     return out, sorted(dropped)
