@@ -19,15 +19,16 @@ def _ratio(num: float, den: float) -> Optional[float]:
     return num / den if den > 0 else None
 
 
-def growth_ratios(records: Sequence[Record], key: str) -> Dict[str, Dict[str, float]]:
-    """Per mode, ``key`` at each side's double over ``key`` at the side (4x tokens), e.g. ``'672->1344'``."""
-    table: Dict[str, Dict[str, float]] = {}
+def growth_ratios(records: Sequence[Record], key: str) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per mode, ``key`` at each side's double over ``key`` at the side (4x tokens), e.g. ``'672->1344'``, for
+    every pair measured ok at both sides; None where the side's value is 0 (e.g. a forward too small to show in
+    the process RSS), so the pair is still listed."""
+    table: Dict[str, Dict[str, Optional[float]]] = {}
     ok = {(r['mode'], r['size']): r for r in records if r['status'] == 'ok'}
     for (mode, size), rec in ok.items():
         double = ok.get((mode, 2 * size))
-        ratio = _ratio(double[key], rec[key]) if double else None
-        if ratio is not None:
-            table.setdefault(mode, {})[f'{size}->{2 * size}'] = ratio
+        if double:
+            table.setdefault(mode, {})[f'{size}->{2 * size}'] = _ratio(double[key], rec[key])
     return table
 
 
@@ -44,12 +45,15 @@ def mode_ratios(records: Sequence[Record], ref: str) -> Dict[str, Dict[int, Dict
 
 
 def _fmt(value: Optional[float], suffix: str = '') -> str:
-    return '-' if value is None else f'{value:.2f}{suffix}'
+    return 'n/a' if value is None else f'{value:.2f}{suffix}'
 
 
 def markdown(records: Sequence[Record], modes: Sequence[str], sizes: Sequence[int], header: Dict[str, Any]) -> str:
     """Precision line, side-by-side table (time, peak, forward memory per mode), growth and ratio tables,
-    and the run's settings as JSON."""
+    and the run's settings as JSON.
+
+    The growth tables are written whenever two measured sides are a factor 2 apart, whatever the values: a
+    ratio cell is ``n/a`` where its denominator is 0 and ``-`` where a point was not measured ok."""
     by = {(r['mode'], r['size']): r for r in records}
     rows = []
     for size in sizes:
@@ -62,13 +66,14 @@ def markdown(records: Sequence[Record], modes: Sequence[str], sizes: Sequence[in
     columns = ['px', 'tokens'] + [f'{m} {what}' for m in modes for what in ('time s', 'peak GB', 'fwd GB')]
     lines = [f"Precision: **{header['precision']}** ({describe_precision(header['precision'])}), device "
              f"{header['device']}, batch {header['batch_size']}.", '', markdown_table(columns, rows)]
+    sides = sorted(set(sizes) | {r['size'] for r in records})
+    pairs = [f'{s}->{2 * s}' for s in sides if 2 * s in sides]
     for key, title in (('peak_gb', 'peak'), ('forward_gb', 'forward')):
         growth = growth_ratios(records, key)
-        if growth:
-            pairs = sorted({p for g in growth.values() for p in g}, key=lambda p: int(p.split('->')[0]))
+        if pairs:
+            rows = [[m, *(_fmt(growth[m][p], 'x') if p in growth.get(m, {}) else '-' for p in pairs)] for m in modes]
             lines += ['', f'{title} memory growth when the token count grows 4x:', '',
-                      markdown_table(['mode', *pairs], [[m, *(_fmt(growth[m].get(p), 'x') for p in pairs)]
-                                                        for m in modes if m in growth])]
+                      markdown_table(['mode', *pairs], rows)]
     ref = 'dense' if 'dense' in modes else modes[0]
     ratios = mode_ratios(records, ref)
     rows = [[size, *(f"{_fmt(c['time'])} / {_fmt(c['forward'])}" if c else '-'
