@@ -1,7 +1,7 @@
 """Deterministic synthetic SegPath-like data for tests and CPU demos (no real data is reachable).
 
-Tiles look H&E-like (pink eosin background, purple nuclei) and the target cell type of each
-antigen is drawn with its own colour and shape, so a short training run can learn it. The files
+Tiles look H&E-like (``utils.he_tiles``: pink eosin background, purple nuclei) and the target cell
+type of each antigen is drawn with its own colour and shape, so a short training run can learn it. The files
 follow the SegPath layout exactly, and on purpose mix the two mask encodings ({0, 1} and
 {0, 255}) and RGB/RGBA tiles so that every loader path is exercised.
 """
@@ -15,13 +15,11 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from mmseg_sparsevit.utils.he_tiles import LUMEN, add_noise, jitter, stroma
+
 from .segpath import SEGPATH_ANTIGENS, SPLITS, get_antigen, tile_name, write_fileinfo
 
 DEFAULT_DEMO_ANTIGENS = ('panCK', 'CD235a', 'CD3CD20')
-
-_EOSIN = (236, 172, 204)
-_NUCLEUS = (135, 85, 175)
-_LUMEN = (246, 228, 238)
 
 
 class _Style(NamedTuple):
@@ -45,16 +43,12 @@ _STYLES: Dict[str, _Style] = {
 assert set(_STYLES) == set(SEGPATH_ANTIGENS), 'every SegPath antigen needs a demo style'
 
 
-def _jitter(rng: np.random.Generator, color: Tuple[int, int, int], amount: int = 12) -> Tuple[int, ...]:
-    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
-
-
 def _draw_target(img: np.ndarray, mask: np.ndarray, style: _Style, rng: np.random.Generator, scale: float) -> None:
     size = img.shape[0]
     radius = max(2, int(rng.integers(*style.radius) * scale))
     center = tuple(int(v) for v in rng.integers(0, size, 2))
     angle = int(rng.integers(0, 180))
-    color = _jitter(rng, style.color)
+    color = jitter(rng, style.color, 12)
     if style.shape == 'gland':
         angles = np.linspace(0, 2 * np.pi, 14, endpoint=False)
         radii = radius * rng.uniform(0.75, 1.25, angles.size)
@@ -64,11 +58,11 @@ def _draw_target(img: np.ndarray, mask: np.ndarray, style: _Style, rng: np.rando
         cv2.fillPoly(mask, pts, 1)
         for (x, y) in pts[0][::2]:  # epithelial nuclei lining the gland
             inner = (int(center[0] + 0.8 * (x - center[0])), int(center[1] + 0.8 * (y - center[1])))
-            cv2.circle(img, inner, max(2, int(3 * scale)), _jitter(rng, (80, 40, 130)), -1)
+            cv2.circle(img, inner, max(2, int(3 * scale)), jitter(rng, (80, 40, 130), 12), -1)
     elif style.shape == 'ring':
         axes = (radius, max(2, int(radius * rng.uniform(0.4, 0.8))))
         thickness = max(2, int(2.5 * scale))
-        cv2.ellipse(img, center, axes, angle, 0, 360, _LUMEN, -1)
+        cv2.ellipse(img, center, axes, angle, 0, 360, LUMEN, -1)
         cv2.ellipse(img, center, axes, angle, 0, 360, color, thickness)
         cv2.ellipse(mask, center, axes, angle, 0, 360, 1, thickness)
     else:
@@ -77,7 +71,7 @@ def _draw_target(img: np.ndarray, mask: np.ndarray, style: _Style, rng: np.rando
         cv2.ellipse(img, center, axes, angle, 0, 360, color, -1)
         cv2.ellipse(mask, center, axes, angle, 0, 360, 1, -1)
         if style.shape == 'disc':  # pale centre of a biconcave red cell
-            cv2.circle(img, center, max(1, radius // 3), _jitter(rng, (235, 90, 100)), -1)
+            cv2.circle(img, center, max(1, radius // 3), jitter(rng, (235, 90, 100), 12), -1)
 
 
 def render_tile(antigen: str, size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -87,19 +81,11 @@ def render_tile(antigen: str, size: int, rng: np.random.Generator) -> Tuple[np.n
     resolution, so object counts stay fixed and radii scale with it."""
     style = _STYLES[get_antigen(antigen).antigen]
     scale = size / 256
-    shading = cv2.resize(rng.normal(0, 10, (8, 8, 3)), (size, size), interpolation=cv2.INTER_CUBIC)
-    img = np.clip(np.array(_EOSIN, np.float64) + shading, 0, 255).astype(np.uint8)
+    img = stroma(size, rng, scale=scale)  # its nuclei are other cells, never in the mask
     mask = np.zeros((size, size), np.uint8)
-    for _ in range(45):  # nuclei of other cells, never in the mask
-        center = tuple(int(v) for v in rng.integers(0, size, 2))
-        radius = max(2, int(rng.integers(3, 6) * scale))
-        axes = (radius, max(1, int(radius * rng.uniform(0.55, 0.9))))
-        cv2.ellipse(img, center, axes, int(rng.integers(0, 180)), 0, 360, _jitter(rng, _NUCLEUS, 18), -1)
     for _ in range(int(rng.integers(*style.count))):
         _draw_target(img, mask, style, rng, scale)
-    noise = rng.normal(0, 5, img.shape)
-    img = np.clip(img + noise, 0, 255).astype(np.uint8)
-    return img, mask
+    return add_noise(img, rng, 5), mask
 
 
 def demo_splits(n: int) -> List[str]:
