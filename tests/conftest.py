@@ -34,4 +34,3 @@ def run_fresh_python() -> Callable[[str], str]:
 def run_without_openmmlab(run_fresh_python) -> Callable[[str], str]:
     """``run_fresh_python`` with mmseg, mmcv and mmdet hidden (importing them raises ImportError)."""
     return lambda code: run_fresh_python(HIDE_OPENMMLAB + code)
-
