@@ -27,7 +27,9 @@ setup(
     long_description=(ROOT / 'README.md').read_text() if (ROOT / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    # torch 2.14 (requirements/torch.txt) and timm 1.0.x need 3.10, and so do the ``X | None`` annotations
+    # evaluated at import; tested on 3.11.
+    python_requires='>=3.10',
     packages=find_packages(include=['mmseg_sparsevit', 'mmseg_sparsevit.*']),
     install_requires=read_requirements('runtime.txt') + read_requirements('mm.txt'),
     extras_require={'tests': read_requirements('tests.txt')},

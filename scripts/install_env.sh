@@ -29,8 +29,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
-"$PY" -c 'import sys; assert sys.version_info >= (3, 9), sys.version' \
-  || fail "Python >= 3.9 is required, got $("$PY" --version)"
+"$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
+  || fail "Python >= 3.10 is required (torch 2.14), got $("$PY" --version)"
 
 # requirements/build.txt (a setuptools that still ships pkg_resources, for mmengine and the mmcv build)
 # is resolved together with torch and with the runtime set, so neither can move setuptools past it.
