@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from mmseg_sparsevit.datasets.segpath import SEGPATH_ANTIGENS
+from mmseg_sparsevit.models.modes import is_sparse, mode_kwargs
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / 'configs'
 OUT_DIR = 'segpath'
@@ -67,17 +68,17 @@ train_dataloader = val_dataloader = test_dataloader = dict(dataset=dict(antigen=
 
 
 class Leaf(NamedTuple):
-    """One SegPath experiment: antigen, square input side, attention mode and window."""
+    """One SegPath experiment: antigen, square input side, attention mode (``models.modes``) and window."""
 
     antigen: str
     res: int
-    mode: str  # 'dense' or 'sparse'
+    mode: str  # 'dense' or 'sparse' in the paper's tables
     window: int
 
     @property
     def variant(self) -> str:
         """Backbone part of names and tags: uni2-h-dense or uni2-h-sparse-w8."""
-        return 'uni2-h-dense' if self.mode == 'dense' else f'uni2-h-sparse-w{self.window}'
+        return f'uni2-h-{self.mode}-w{self.window}' if is_sparse(self.mode) else f'uni2-h-{self.mode}'
 
     @property
     def tag(self) -> str:
@@ -87,7 +88,7 @@ class Leaf(NamedTuple):
     @property
     def attention(self) -> str:
         """Words for the header comments."""
-        return 'dense attention' if self.mode == 'dense' else f'sparse attention (window {self.window})'
+        return f'{self.mode} attention' + (f' (window {self.window})' if is_sparse(self.mode) else '')
 
     @property
     def model_base(self) -> str:
@@ -107,8 +108,7 @@ class Leaf(NamedTuple):
         return f'{OUT_DIR}/{self.antigen}/{name}'
 
     def render_model_base(self) -> str:
-        vit_cfg = ("attn_mode='dense'" if self.mode == 'dense' else
-                   f"attn_mode='sparse', window_size={self.window}")
+        vit_cfg = ', '.join(f'{k}={v!r}' for k, v in mode_kwargs(dict(window_size=self.window), self.mode).items())
         return MODEL_TEMPLATE.format(attention=self.attention, vit_cfg=vit_cfg)
 
     def render_data_base(self) -> str:
