@@ -25,8 +25,8 @@ FLEX_MIN_TOKENS_CPU = 4096  # smaller CPU inputs: the 10-30 s compile outweighs 
 # Eager (uncompiled) flex materialises every score, about 12 bytes each on CPU: up to 2**22 scores
 # (~50 MiB) a requested flex may run uncompiled when it cannot be compiled; bigger inputs raise.
 FLEX_EAGER_MAX_SCORES = 2**22
-# Block masks kept (least recently used dropped): one per (grid, G, window, pattern, device), each a few
-# hundred kB at 96 x 96, so 16 cover every shape a model sees without growing over a long run.
+# Block masks kept (least recently used dropped): one per (grid, G, window, pattern, device), 0.8 MB at
+# 96 x 96 (its tables and mask_mod's), so 16 cover the shapes a model sees without growing over a long run.
 BLOCK_MASK_CACHE_SIZE = 16
 # Measured backend choice: per candidate 1 untimed warm-up call (it may compile), then the fastest of
 # AUTOTUNE_REPEATS timed calls.  Once per input key, about 3x the candidates' run times (~3 s at 96 x 96

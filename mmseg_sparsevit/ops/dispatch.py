@@ -9,6 +9,7 @@ eagerly: a call a backend refuses goes to the next candidate, and a backend whos
 raised (e.g. inductor finds no C++ compiler) is dropped for the rest of the process.  Any other error
 propagates.
 """
+import functools
 import logging
 import os
 from typing import Optional
@@ -57,11 +58,11 @@ def _check_requested(name: str, q: Tensor, k: Tensor, v: Tensor) -> None:
         raise RuntimeError(f'sparse_attention backend "{name}" was requested but cannot run: {reason}')
 
 
-def choice_key(q: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
+def choice_key(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int, window_size: int,
                neighbourhood: str, pruned: bool) -> tuple:
     """What a measured choice holds for: device type, dtype, grid, G, heads, head_dim, window, pattern,
     pruned or not, grad or not.  Not the batch size: every backend's cost grows linearly in it."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return (q.device.type, q.dtype, tuple(grid_hw), num_global, q.shape[1], q.shape[3], window_size,
             neighbourhood, pruned, grad)
 
@@ -109,11 +110,11 @@ def _measure(key: tuple, names: list[str], args: tuple) -> Tensor:
     while remaining:
         name = remaining.pop(0)
         entry = context.backends[name]
+        if best is None and not remaining:  # nothing to compare with; its errors propagate
+            best = (name, _run_in_order([name], args))
+            break
         try:
-            if best is None and not remaining:  # nothing to compare with
-                best = (name, _run_in_order([name], args))
-                break
-            seconds, result = context.timer(lambda: entry.run(*args, automatic=True), args[0].device)
+            seconds, result = context.timer(functools.partial(entry.run, *args, automatic=True), args[0].device)
         except BackendRefusedError as err:
             refusals[name] = err.reason
             continue
@@ -150,7 +151,7 @@ def dispatch(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_glob
         why = '; '.join(f'{name}: {reason}' for name, reason in objections.items() if reason is not None)
         log_once(logging.INFO, 'sparse_attention: using the %s backend (%s)', names[0], why)
         return _run_in_order(names, args)
-    key = choice_key(q, v, grid_hw, num_global, window_size, neighbourhood, patch_index is not None)
+    key = choice_key(q, k, v, grid_hw, num_global, window_size, neighbourhood, patch_index is not None)
     winner = context.choices.get(key)
     if winner in names:
         return _run_in_order([winner] + [name for name in names if name != winner], args)

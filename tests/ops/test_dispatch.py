@@ -138,7 +138,7 @@ def test_measured_choice_takes_the_faster_backend(fake_clock, cheap_flex, caplog
     q, k, v, _ = inputs(0, 1, 1, (6, 6))
     with torch.no_grad(), caplog.at_level(logging.INFO, logger=OPS_LOGGER):
         _check(sparse_attention(q, k, v, (6, 6), 1, 2), q, k, v, (6, 6))
-        key = choice_key(q, v, (6, 6), 1, 2, 'block', pruned=False)
+        key = choice_key(q, k, v, (6, 6), 1, 2, 'block', pruned=False)
         assert cheap_flex.choices == {key: fast}
         assert [len(runs['gather']), len(runs['flex'])] == [3, 3]  # one warm-up + 2 timed calls each
         _check(sparse_attention(q, k, v, (6, 6), 1, 2), q, k, v, (6, 6))
