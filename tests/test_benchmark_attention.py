@@ -72,11 +72,14 @@ def test_table_ratios_come_from_the_dense_row_of_the_same_point():
     assert rows[2]['speed-up vs dense SDPA on the same tokens'] == 'n/a'  # no dense row at keep 0.5
 
 
-def test_failed_point_becomes_an_error_row():
-    failed = measure_attention_in_subprocess('gather', AttentionPoint(**TINY), timeout_s=0.01)
-    assert failed == dict(method='gather', grid=[4, 5], keep=1.0, backward=False, error='timed out after 0 s')
-    row, = table_rows(attention_table([failed]))
-    assert row['method'] == 'gather' and row['median time (s)'] == 'timed out after 0 s'
+def test_failed_points_become_error_rows():
+    timed_out = measure_attention_in_subprocess('gather', AttentionPoint(**TINY), timeout_s=0.01)
+    assert timed_out == dict(method='gather', grid=[4, 5], keep=1.0, backward=False, error='timed out after 0 s')
+    crashed = measure_attention_in_subprocess('gather', AttentionPoint(**dict(TINY, window_size=0)), timeout_s=120)
+    assert crashed['error'] == 'exit 1: ValueError: window_size must be an int >= 1, got 0'  # the worker's last line
+    rows = table_rows(attention_table([timed_out, crashed]))
+    assert [(r['method'], r['median time (s)']) for r in rows] == [('gather', timed_out['error']),
+                                                                   ('gather', crashed['error'])]
 
 
 def test_point_rejects_bad_settings():
