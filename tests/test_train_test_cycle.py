@@ -6,6 +6,7 @@ checkpoint written by one process is loaded by a fresh one (torch >= 2.6 ``weigh
 """
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -166,14 +167,27 @@ def test_entry_point_commands_run_package_modules():
         entry_point_command('summarize', [])
 
 
-def test_entry_points_run_as_modules_outside_the_repository(tmp_path):
-    # cwd outside the repository and no PYTHONPATH: the package as installed (make env installs it editable).
+def test_multi_gpu_command_launches_the_module_in_each_process(tmp_path):
+    # torch.distributed.run must accept '-m module', and the module must be found as installed (make env
+    # installs the package editable): cwd outside the repository, no PYTHONPATH. Each of the two workers
+    # prints the entry point's help.
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    for module in ('train', 'test', 'run_segpath'):
-        proc = subprocess.run([sys.executable, '-m', f'mmseg_sparsevit.cli.{module}', '--help'], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.startswith('usage: ') and ('family' if module == 'run_segpath' else 'config') in proc.stdout
+    proc = subprocess.run(entry_point_command('train', ['--help'], gpus=2), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('usage: ') == 2 and '--resume' in proc.stdout
+
+
+@pytest.mark.parametrize('module,positional', [('train', 'config'), ('test', 'checkpoint'),
+                                               ('run_segpath', 'family')])
+def test_entry_points_run_as_main_modules(module, positional, monkeypatch, capsys):
+    # What 'python -m mmseg_sparsevit.cli.<module> --help' runs, in this process.
+    monkeypatch.setattr(sys, 'argv', [module, '--help'])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(f'mmseg_sparsevit.cli.{module}', run_name='__main__')
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: ') and positional in out
 
 
 def test_find_checkpoint_prefers_best_then_last(tmp_path):
