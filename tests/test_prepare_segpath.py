@@ -9,9 +9,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from mmcv.transforms import LoadImageFromFile
 from PIL import Image
 
-from mmseg_sparsevit.datasets import SegPathDataset
+from mmseg_sparsevit.datasets import LoadSegPathAnnotations, SegPathDataset
 from mmseg_sparsevit.datasets.prepare import prepare_segpath, unpack_archive
 from mmseg_sparsevit.datasets.synthetic import make_demo_data
 
@@ -128,6 +129,85 @@ def test_each_problem_is_reported_naming_the_file(download, corrupt):
     args = [dl, out, '--expected-size', str(SIZE)]
     assert main(args) == 0
     assert main(args + ['--strict']) == 1
+
+
+def _cut(path, keep):
+    """Truncate ``path`` to a fraction (float) or a number of bytes (int; negative: drop that many)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+
+
+@pytest.mark.parametrize('kind, keep', [('HE', 0.5), ('HE', -20), ('mask', 0.5), ('mask', 0)])
+def test_strict_flags_truncated_files_that_training_cannot_load(download, kind, keep):
+    """A truncated H&E tile or mask (cut in the pixel data, only its end missing, or empty) makes the
+    training pipeline fail; the checks decode every file, so --strict fails and names it, and the
+    cleaned CSV drops the tile."""
+    _, dl, out, counts = download
+    prepare_segpath(dl, out, expected_size=SIZE, workers=1)
+    he, mask = _first_tile(out)
+    path = he if kind == 'HE' else mask
+    _cut(path, keep)
+    with pytest.raises(Exception):  # noqa: PT011 - whatever the loaders raise, training would stop here
+        LoadSegPathAnnotations()(LoadImageFromFile()(dict(img_path=he, seg_map_path=mask, seg_fields=[])))
+    main = runpy.run_path(CLI)['main']
+    assert main([dl, out, '--expected-size', str(SIZE), '--strict', '--workers', '2']) == 1
+    report = prepare_segpath(dl, out, expected_size=SIZE, workers=2)
+    what = 'H&E tile' if kind == 'HE' else 'mask'
+    assert len(report.problems) == 1 and report.problems[0].startswith(f'{path}: unreadable {what} ('), report.problems
+    train = SegPathDataset(antigen='panCK', split='train', data_root=out, serialize_data=False)
+    assert len(train) == counts['panCK']['train'] - 1 and he not in [d['img_path'] for d in train.load_data_list()]
+
+
+def test_unknown_split_is_reported_once(download):
+    """A tile whose rows (HE and mask) name an unknown split: one problem naming the CSV lines, not also
+    'file has no row' for its two files; the tile leaves the cleaned CSV."""
+    _, dl, out, counts = download
+    csv_path = osp.join(dl, 'panCK_fileinfo.csv')
+    with open(csv_path) as f:
+        lines = f.read().splitlines()
+    first_train = next(i for i, ln in enumerate(lines) if ln.endswith(',train'))
+    stem = osp.basename(lines[first_train].split(',')[0]).rsplit('_', 1)[0]
+    rows = [i for i, ln in enumerate(lines) if osp.basename(ln.split(',')[0]).rsplit('_', 1)[0] == stem]
+    assert len(rows) == 2  # its HE and mask rows
+    for i in rows:
+        lines[i] = lines[i].replace(',train', ',dev')
+    with open(csv_path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    report = prepare_segpath(dl, out, expected_size=SIZE, workers=1)
+    assert len(report.problems) == 1, report.problems
+    assert re.match(rf"{re.escape(csv_path)}:{rows[0] + 1}: .*{stem}_\w+\.png: unknown split 'dev'.*"
+                    rf"line {rows[1] + 1} .* too$", report.problems[0]), report.problems[0]
+    assert report.antigens[0].counts['train'] == counts['panCK']['train'] - 1
+    with open(osp.join(out, 'panCK', 'panCK_fileinfo.csv')) as f:
+        assert stem not in f.read()
+
+
+def test_parallel_workers_give_the_same_report_and_output(download, tmp_path):
+    """Several broken tiles among good ones, prepared with --normalise by 1 and by 3 worker processes:
+    the same problems in the same order, the same counts, and byte-identical output folders."""
+    _, dl, _, counts = download
+    src = tmp_path / 'unpacked'
+    src.mkdir()
+    with tarfile.open(osp.join(dl, 'panCK_Epithelium.tar.gz')) as tar:
+        tar.extractall(src, filter='data')
+    shutil.copy(osp.join(dl, 'panCK_fileinfo.csv'), src)
+    tiles = sorted(osp.join(src, 'panCK_Epithelium', n) for n in os.listdir(src / 'panCK_Epithelium'))
+    he_files = [t for t in tiles if t.endswith('_HE.png')]
+    _cut(he_files[0], 0.5)
+    _bad_values(he_files[2], he_files[2].replace('_HE.png', '_mask.png'))
+    _cut(he_files[4].replace('_HE.png', '_mask.png'), 0)
+    reports = {}
+    for workers in (1, 3):
+        out = str(tmp_path / f'out{workers}')
+        reports[workers] = prepare_segpath(str(src), out, expected_size=SIZE, normalise=True, workers=workers)
+    one, three = reports[1], reports[3]
+    assert len(one.problems) == 3
+    assert [p.replace(str(tmp_path / 'out1'), str(tmp_path / 'out3')) for p in one.problems] == three.problems
+    assert one.summary() == three.summary() and one.antigens[0].counts == three.antigens[0].counts
+    assert one.usable == sum(counts['panCK'].values()) - 3
+    assert _visible_tree(tmp_path / 'out1') == _visible_tree(tmp_path / 'out3')
 
 
 def test_missing_csv_makes_antigen_unusable(download):

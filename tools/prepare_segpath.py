@@ -5,13 +5,14 @@ in one folder, then::
 
     python tools/prepare_segpath.py downloads/ data/segpath --strict
 
-Exit status 1 when nothing usable was found, or with --strict when any problem was reported.
+Every tile and mask is decoded in full, in --workers processes. Exit status 1 when nothing usable
+was found, or with --strict when any problem was reported.
 """
 import argparse
 import sys
 from typing import List, Optional
 
-from mmseg_sparsevit.datasets.prepare import prepare_segpath
+from mmseg_sparsevit.datasets.prepare import default_workers, prepare_segpath
 from mmseg_sparsevit.datasets.segpath import SEGPATH_ANTIGENS
 
 
@@ -25,13 +26,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='tile side in px every tile must have; 0 disables the check (default: %(default)s)')
     parser.add_argument('--normalise', action='store_true',
                         help='rewrite RGBA tiles as RGB and {0, 255} masks as {0, 1} in data_root')
+    parser.add_argument('--workers', type=int, default=default_workers(),
+                        help='processes decoding tiles; 1 decodes in this process (default: %(default)s, '
+                        'the usable CPUs up to 8)')
     parser.add_argument('--strict', action='store_true', help='exit with status 1 if any problem was found')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f'--workers must be >= 1, got {args.workers}')
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    report = prepare_segpath(args.src_dir, args.data_root, args.antigens, args.expected_size, args.normalise)
+    report = prepare_segpath(args.src_dir, args.data_root, args.antigens, args.expected_size, args.normalise,
+                             args.workers)
     failed = report.usable == 0 or (args.strict and bool(report.problems))
     return 1 if failed else 0
 

@@ -11,9 +11,11 @@ import os
 import os.path as osp
 import shutil
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import mmcv
 import numpy as np
 from mmengine.logging import print_log
 from mmengine.utils import track_iter_progress
@@ -110,25 +112,48 @@ def link_folder(folder: str, dest: str) -> int:
     return done
 
 
+def _decode(path: str, flag: str, backends: Sequence[str]) -> Tuple[np.ndarray, str]:
+    """(pixels as the first of ``backends`` decodes them, Pillow colour mode) of a PNG that passed every check
+    a loader could trip on: the checksum of every chunk (Pillow's ``verify``, which catches a file cut short
+    by a few bytes) and a full decode with each of ``backends`` ('cv2', 'pillow'), through ``mmcv.imfrombytes``
+    as mmcv's and this package's loaders call it.
+
+    Any exception a decoder raises (``OSError``, ``SyntaxError``, ``cv2.error``, ...) means the file cannot
+    be trained on, so it becomes one ``ValueError`` that says what failed."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+        with open(path, 'rb') as f:
+            content = f.read()
+        decoded = [mmcv.imfrombytes(content, flag=flag, backend=backend) for backend in backends]
+    except Exception as err:  # any decoder failure: see the docstring
+        raise ValueError(f'{type(err).__name__}: {err}') from err
+    if any(image is None for image in decoded):  # OpenCV returns None instead of raising
+        raise ValueError('OpenCV cannot decode it: truncated or corrupt')
+    return decoded[0], mode
+
+
 def check_tile(he_path: str, mask_path: str, expected_size: int = 984) -> Tuple[List[str], bool, bool]:
     """Check one HE/mask pair; return (problems naming the files, HE is RGBA, mask is {0, 255}).
 
-    Decodes masks with Pillow as ``LoadSegPathAnnotations`` does by default, so both agree; the
-    H&E tile is checked from its header only (size and mode), which keeps a full run fast."""
+    Both files are decoded in full (see ``_decode``): the H&E tile by OpenCV, the decoder of
+    ``LoadImageFromFile``'s default backend and the stricter one (Pillow decodes a PNG that lacks its last
+    bytes), the small mask by Pillow (``LoadSegPathAnnotations``' default) and OpenCV, so a pair that passes
+    here loads in training."""
     try:
-        with Image.open(he_path) as im:
-            width, height, mode = im.width, im.height, im.mode
-    except (OSError, ValueError) as err:
+        he, mode = _decode(he_path, 'color', ('cv2',))
+    except ValueError as err:
         return [f'{he_path}: unreadable H&E tile ({err})'], False, False
+    height, width = he.shape[:2]
     problems = []
     if mode not in ('RGB', 'RGBA'):
         problems.append(f'{he_path}: H&E tile has colour mode {mode}, expected RGB or RGBA')
     if expected_size and (width, height) != (expected_size, expected_size):
         problems.append(f'{he_path}: size {width}x{height}, expected {expected_size}x{expected_size}')
     try:
-        with Image.open(mask_path) as im:
-            mask = np.asarray(im)
-    except (OSError, ValueError) as err:
+        mask, _ = _decode(mask_path, 'unchanged', ('pillow', 'cv2'))
+    except ValueError as err:
         return problems + [f'{mask_path}: unreadable mask ({err})'], mode == 'RGBA', False
     try:
         binarize_segpath_mask(mask, mask_path)
@@ -157,6 +182,44 @@ def normalise_tile(he_path: str, mask_path: str, rgba: bool, mask_0_255: bool) -
         with Image.open(mask_path) as im:
             mask = binarize_segpath_mask(np.asarray(im), mask_path)
         _save_atomic(Image.fromarray(mask), mask_path)
+
+
+@dataclass
+class TileResult:
+    """What checking (and optionally normalising) one listed tile pair found."""
+    problems: List[str]
+    rgba: bool = False
+    mask_0_255: bool = False
+    normalised: bool = False
+
+
+def _check_and_normalise(task: Tuple[str, str, int, bool]) -> TileResult:
+    """One unit of work for the process pool (module level, so it pickles): check, then normalise."""
+    he_path, mask_path, expected_size, normalise = task
+    problems, rgba, mask_0_255 = check_tile(he_path, mask_path, expected_size)
+    result = TileResult(problems, rgba, mask_0_255)
+    if normalise and not problems and (rgba or mask_0_255):
+        normalise_tile(he_path, mask_path, rgba=rgba, mask_0_255=mask_0_255)
+        result.normalised = True
+    return result
+
+
+def default_workers() -> int:
+    """Worker processes used when none are asked for: the CPUs this process may run on, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def check_tiles(tasks: Sequence[Tuple[str, str, int, bool]], workers: int) -> List[TileResult]:
+    """``_check_and_normalise`` over ``tasks`` in order, in ``workers`` processes, with a progress bar.
+
+    Results come back in task order whatever ``workers`` is, so the report does not depend on it."""
+    if workers <= 1 or len(tasks) < 2:
+        return [_check_and_normalise(t) for t in track_iter_progress(list(tasks))]
+    chunksize = max(1, min(32, len(tasks) // (4 * workers)))
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        results = pool.map(_check_and_normalise, tasks, chunksize=chunksize)
+        return list(track_iter_progress((results, len(tasks))))
 
 
 def _find_source(src_dir: str, spec: SegPathAntigen) -> Tuple[Optional[str], Optional[str]]:
@@ -191,8 +254,9 @@ def _list_tiles(out: str, spec: SegPathAntigen, problems: List[str]) -> Dict[str
 
 
 def prepare_antigen(src_dir: str, data_root: str, spec: SegPathAntigen, expected_size: int = 984,
-                    normalise: bool = False) -> AntigenReport:
-    """Unpack, validate and (optionally) normalise one antigen; write its cleaned split CSV."""
+                    normalise: bool = False, workers: int = 1) -> AntigenReport:
+    """Unpack, validate (decoding in ``workers`` processes) and optionally normalise one antigen; write its
+    cleaned split CSV."""
     report = AntigenReport(spec.antigen)
     out = osp.join(data_root, spec.antigen)
     source, csv_path = _find_source(src_dir, spec)
@@ -219,28 +283,29 @@ def prepare_antigen(src_dir: str, data_root: str, spec: SegPathAntigen, expected
         return report
 
     found = _list_tiles(out, spec, report.problems)
+    listed = set(info.tiles) | set(info.rejected_stems)  # a bad split row was reported already
     for kind in ('HE', 'mask'):
-        for stem in sorted(set(found[kind]) - set(info.tiles)):
+        for stem in sorted(set(found[kind]) - listed):
             report.problems.append(f'{found[kind][stem]}: file has no row in {csv_path}')
-    usable = set()
-    print_log(f'{spec.antigen}: checking {len(info.tiles)} tile(s) listed in {csv_path}', logger='current')
-    for stem, split in track_iter_progress(list(info.tiles.items())):
+    present = []
+    for stem, split in info.tiles.items():
         paths = (osp.join(out, stem + HE_SUFFIX), osp.join(out, stem + MASK_SUFFIX))
         missing = [p for p in paths if not osp.isfile(p)]
-        if missing:
-            report.problems.extend(f'{p}: listed in {csv_path} ({split}) but missing' for p in missing)
-            continue
-        problems, rgba, mask_0_255 = check_tile(*paths, expected_size=expected_size)
-        report.rgba_tiles += rgba
-        report.masks_0_255 += mask_0_255
-        if problems:
-            report.problems.extend(problems)
-            continue
-        if normalise and (rgba or mask_0_255):
-            normalise_tile(*paths, rgba=rgba, mask_0_255=mask_0_255)
-            report.normalised += 1
-        usable.add(stem)
-        report.counts[split] += 1
+        report.problems.extend(f'{p}: listed in {csv_path} ({split}) but missing' for p in missing)
+        if not missing:
+            present.append((stem, split, paths))
+    print_log(f'{spec.antigen}: decoding {len(present)} tile pair(s) listed in {csv_path} '
+              f'with {workers} worker process(es)', logger='current')
+    results = check_tiles([(*paths, expected_size, normalise) for _, _, paths in present], workers)
+    usable = set()
+    for (stem, split, _), result in zip(present, results):
+        report.rgba_tiles += result.rgba
+        report.masks_0_255 += result.mask_0_255
+        report.normalised += result.normalised
+        report.problems.extend(result.problems)
+        if not result.problems:
+            usable.add(stem)
+            report.counts[split] += 1
     rows = [row for row, stem in zip(info.rows, info.row_stems) if stem in usable]
     write_fileinfo(cleaned_csv, info.fieldnames, rows)
     return report
@@ -250,11 +315,13 @@ def prepare_segpath(src_dir: str,
                     data_root: str,
                     antigens: Optional[Sequence[str]] = None,
                     expected_size: int = 984,
-                    normalise: bool = False) -> PrepareReport:
+                    normalise: bool = False,
+                    workers: Optional[int] = None) -> PrepareReport:
     """Prepare every antigen found in ``src_dir`` (or exactly ``antigens``) into ``data_root``.
 
     Antigens not named and absent from ``src_dir`` are skipped quietly; named ones that are absent
-    are reported as problems. ``expected_size`` 0 disables the tile-size check."""
+    are reported as problems. ``expected_size`` 0 disables the tile-size check. ``workers`` processes
+    decode the tiles (default ``default_workers()``); the report is the same for any number."""
     if not osp.isdir(src_dir):
         raise FileNotFoundError(f'SegPath download folder not found: {src_dir}')
     specs = [get_antigen(a) for a in antigens] if antigens else list(SEGPATH_ANTIGENS.values())
@@ -262,7 +329,8 @@ def prepare_segpath(src_dir: str,
     for spec in specs:
         if not antigens and _find_source(src_dir, spec) == (None, None):
             continue
-        reports.append(prepare_antigen(src_dir, data_root, spec, expected_size, normalise))
+        reports.append(prepare_antigen(src_dir, data_root, spec, expected_size, normalise,
+                                       default_workers() if workers is None else workers))
     if not reports:
         print_log(f'{src_dir}: no SegPath archive, unpacked folder or fileinfo CSV found', logger='current',
                   level=logging.WARNING)

@@ -21,7 +21,7 @@ import gzip
 import io
 import os.path as osp
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from mmseg.datasets import BaseSegDataset
@@ -132,6 +132,7 @@ class FileInfo(NamedTuple):
     row_stems: List[Optional[str]]  # tile stem of each row (None for rows that name no tile)
     tiles: Dict[str, str]  # tile stem -> split, first-seen order
     problems: List[str]  # bad rows, each naming the CSV, the line and the value
+    rejected_stems: AbstractSet[str] = frozenset()  # tiles named only by rows with an unknown split
 
 
 def _find_column(fieldnames: Sequence[str], accepted: Sequence[str], path: str, what: str) -> str:
@@ -148,7 +149,8 @@ def read_fileinfo(path: str) -> FileInfo:
 
     Structural faults (missing file, no usable column) raise; row-level faults (unknown split,
     a name that is no tile, a tile listed under two splits) are collected in ``problems`` so the
-    prepare tool can report all of them at once."""
+    prepare tool can report all of them at once. A tile whose HE and mask rows share an unknown split
+    is one problem naming both lines."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'SegPath split CSV not found: {path}')
     with open(path, 'rb') as f:
@@ -160,6 +162,7 @@ def read_fileinfo(path: str) -> FileInfo:
     name_col = _find_column(fieldnames, FILENAME_COLUMNS, path, 'file name')
     split_col = _find_column(fieldnames, SPLIT_COLUMNS, path, 'split')
     rows, row_stems, tiles, problems = [], [], {}, []
+    rejected: Dict[str, int] = {}  # stem -> index of its unknown-split problem
     for line, row in enumerate(reader, start=2):
         rows.append(row)
         row_stems.append(None)
@@ -172,15 +175,19 @@ def read_fileinfo(path: str) -> FileInfo:
             problems.append(f'{path}:{line}: {err}')
             continue
         if split not in SPLITS:
-            problems.append(f'{path}:{line}: {filename}: unknown split {row.get(split_col)!r}, '
-                            f'expected one of {SPLITS}')
+            if stem in rejected:
+                problems[rejected[stem]] += f'; line {line} ({filename}) too'
+            else:
+                rejected[stem] = len(problems)
+                problems.append(f'{path}:{line}: {filename}: unknown split {row.get(split_col)!r}, '
+                                f'expected one of {SPLITS}')
             continue
         if tiles.setdefault(stem, split) != split:
             problems.append(f'{path}:{line}: {filename}: split {split!r} conflicts with '
                             f'{tiles[stem]!r} given earlier for the same tile')
             continue
         row_stems[-1] = stem
-    return FileInfo(path, fieldnames, rows, row_stems, tiles, problems)
+    return FileInfo(path, fieldnames, rows, row_stems, tiles, problems, frozenset(set(rejected) - set(tiles)))
 
 
 def write_fileinfo(path: str, fieldnames: Sequence[str], rows: Sequence[Dict[str, str]]) -> None:
