@@ -8,6 +8,7 @@ _base_ = [
     '../_base_/default_runtime.py',
 ]
 img_scale = (112, 112)  # 8 x 8 ViT grid
+model_mpp = _base_.segpath_mpp * _base_.segpath_tile_size / img_scale[0]  # µm/px the model sees
 max_iters = 300
 embed_dim = 96
 feat_channels = 64

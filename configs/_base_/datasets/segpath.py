@@ -6,6 +6,11 @@ dataset_type = 'SegPathDataset'
 data_root = 'data/segpath'
 antigen = 'panCK'
 img_scale = (448, 448)
+# µm/px the model sees (whole-slide inference, tools/infer_slide.py, runs at it by default): SegPath tiles
+# are 984 px at ~0.22 µm/px (40x), resized to img_scale. Configs that change img_scale restate it.
+segpath_mpp = 0.22
+segpath_tile_size = 984
+model_mpp = segpath_mpp * segpath_tile_size / img_scale[0]
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadSegPathAnnotations'),
