@@ -13,6 +13,7 @@ import mmseg_sparsevit  # noqa: F401
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from mmseg_sparsevit.datasets.segpath import SEGPATH_ANTIGENS
+from mmseg_sparsevit.models.presets import PRETRAINED, get_arch
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'configs'
@@ -26,7 +27,9 @@ DEMOS = sorted((CONFIGS / 'demo').glob('*.py'))
 # mmseg naming: {algo}_{backbone}_{N}xb{B}-{iters}_{data}-{crop}.py
 NAME = re.compile(r'^mask2former_(?P<backbone>[\w-]+)-adapter_\d+xb\d+-\d+k?_segpath-'
                   r'(?P<data>\w+)-(?P<res>\d+)x(?P=res)\.py$')
-BACKBONE = re.compile(r'^uni2-h-(dense|sparse-w(?P<window>\d+))$')
+BACKBONE = re.compile(rf"^(?P<arch>{'|'.join(map(re.escape, make_configs.BACKBONES))})-"
+                      r'(dense|sparse-w(?P<window>\d+))$')
+OTHER_BACKBONES = sorted(set(make_configs.BACKBONES) - {'uni2-h'})
 
 
 def rel(path: Path) -> str:
@@ -34,11 +37,14 @@ def rel(path: Path) -> str:
 
 
 def test_the_experiment_grid_is_complete():
-    """8 antigens x (5 resolutions x dense/sparse + windows 2/16/64 at 560), plus the demos."""
-    assert len(LEAVES) == 8 * (5 * 2 + 3)
+    """8 antigens x (UNI-2-h: 5 resolutions x dense/sparse + windows 2/16/64 at 560; Virchow2 and H-optimus-0:
+    dense/sparse at 448), plus the demos."""
+    assert OTHER_BACKBONES == ['h-optimus-0', 'virchow2']
+    assert len(LEAVES) == 8 * (5 * 2 + 3 + 2 * 2)
     assert {p.parent.name for p in LEAVES} == set(SEGPATH_ANTIGENS)
     assert len(DEMOS) == 2
-    assert len(SEGPATH_BASES) == 5 + 5  # one per resolution, one per backbone (dense, w2/8/16/64)
+    # one per resolution, one per backbone variant (UNI-2-h dense, w2/8/16/64; the others dense, w8)
+    assert len(SEGPATH_BASES) == 5 + 5 + 2 * 2
 
 
 def test_leaves_are_what_the_generator_writes():
@@ -56,7 +62,8 @@ def test_config_loads_and_names_its_settings(path):
     assert head.pixel_decoder.type.startswith('mmdet.')
     assert all(c.type.startswith('mmdet.') for c in head.train_cfg.assigner.match_costs)
     assert cfg.model.backbone.type == 'SparseViTAdapter'
-    assert head.in_channels == [cfg.model.backbone.vit_cfg.get('embed_dim', 1536)] * 4
+    vit_cfg = cfg.model.backbone.vit_cfg
+    assert head.in_channels == [vit_cfg.get('embed_dim') or get_arch(vit_cfg.get('arch', 'uni2-h')).embed_dim] * 4
 
     res = int(match['res'])
     loaders = [cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader]
@@ -73,7 +80,11 @@ def test_config_loads_and_names_its_settings(path):
         backbone = BACKBONE.match(match['backbone'])
         assert backbone, match['backbone']
         vit = cfg.model.backbone.vit_cfg
-        assert vit.arch == 'uni2-h' and vit.img_size == 224
+        assert vit.arch == backbone['arch'] and vit.img_size == 224
+        card = PRETRAINED[vit.arch]  # the model's own normalisation, on 0-255 RGB
+        for preprocessor in (cfg.data_preprocessor, cfg.model.data_preprocessor):
+            assert preprocessor.mean == pytest.approx([255 * m for m in card.mean], abs=1e-3)
+            assert preprocessor.std == pytest.approx([255 * s for s in card.std], abs=1e-3)
         if backbone['window'] is None:
             assert vit.attn_mode == 'dense'
         else:
@@ -94,13 +105,37 @@ def mmseg_scope():
 
 def test_uni2_experiment_model_builds_at_full_size(mmseg_scope):
     """The real experiment: UNI-2-h (681M) + adapter + Mask2Former, built without memory."""
-    cfg = Config.fromfile(str(LEAVES[0]))
+    cfg = Config.fromfile(str(next(p for p in LEAVES if p.name.startswith('mask2former_uni2-h'))))
     with torch.device('meta'):
         model = MODELS.build(cfg.model)
     vit = sum(p.numel() for p in model.backbone.vit.parameters())
     assert 680e6 < vit < 682e6
     assert model.backbone.vit.num_prefix_tokens == 9 and model.backbone.vit.patch_size == 14
     assert model.decode_head.num_classes == 2
+
+
+@pytest.mark.parametrize('arch', OTHER_BACKBONES)
+def test_other_backbone_models_build_and_predict(arch, mmseg_scope):
+    """Virchow2 / H-optimus-0 configs at reduced ViT depth (4 blocks, one per interaction), real widths."""
+    path = next(p for p in LEAVES if p.name.startswith(f'mask2former_{arch}-sparse-w8'))
+    cfg = Config.fromfile(str(path))
+    cfg.model.backbone.vit_cfg.depth = 4
+    model = MODELS.build(cfg.model).eval()
+    vit, preset = model.backbone.vit, get_arch(arch)
+    assert (vit.embed_dim, vit.num_prefix_tokens, vit.patch_size) == (
+        preset.embed_dim, preset.num_prefix_tokens, preset.patch_size)
+    assert vit.arch.global_pool == preset.global_pool and vit.attn_mode == 'sparse'
+    shape = (112, 112)
+    sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape))
+    bgr = torch.tensor([10, 100, 200], dtype=torch.uint8)  # images load as BGR; the preprocessor makes them RGB
+    image = bgr[:, None, None].expand(3, *shape).clone()
+    with torch.no_grad():
+        data = model.data_preprocessor(dict(inputs=[image], data_samples=[sample]))
+        card = PRETRAINED[arch]
+        expected = (bgr.flip(0) - 255 * torch.tensor(card.mean)) / (255 * torch.tensor(card.std))
+        torch.testing.assert_close(data['inputs'][0, :, 0, 0], expected, atol=1e-4, rtol=0)
+        result, = model(**data, mode='predict')
+    assert result.seg_logits.data.shape == (2, *shape)
 
 
 @pytest.mark.parametrize('path', DEMOS, ids=rel)
