@@ -84,6 +84,7 @@ DATA_TEMPLATE = HEADER + """\
 _base_ = ['../../_base_/datasets/segpath.py', '../../_base_/schedules/schedule_20k.py',
           '../../_base_/default_runtime.py']
 img_scale = ({res}, {res})
+model_mpp = _base_.segpath_mpp * _base_.segpath_tile_size / img_scale[0]  # µm/px the model sees
 train_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.train_pipeline]
 test_pipeline = [dict(s, scale=img_scale) if s['type'] == 'Resize' else s for s in _base_.test_pipeline]
 train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
