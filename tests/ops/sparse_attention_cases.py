@@ -7,7 +7,6 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmseg_sparsevit.ops.backends import flex
-from mmseg_sparsevit.ops.backends.gather import gather_attention
 
 needs_flex = pytest.mark.skipif(flex.flex_attention is None, reason='torch has no flex_attention')
 
@@ -48,9 +47,6 @@ CASES = HAND_PICKED + RANDOM_SWEEP
 def flex_eager(*args):
     """The flex backend run uncompiled (unfused, small shapes only): checks the block mask without compiling."""
     return flex.flex_attention_backend(*args, compiled=False)
-
-
-BACKEND_FUNCTIONS = {'gather': gather_attention, 'flex': pytest.param(flex_eager, marks=needs_flex)}
 
 
 class LargestTensor(TorchDispatchMode):

@@ -1,32 +1,13 @@
-"""The gather backend against the dense reference: outputs, global attention, gradients, low precision,
-memory (no attention-sized tensor; pruned calls follow the kept tokens) and the pruned tile buckets."""
+"""The gather backend against the dense reference beyond the shared sweep of ``test_reference.py``:
+gradients (through the outputs and the global attention), low precision, memory (no attention-sized
+tensor; pruned calls follow the kept tokens) and the pruned tile buckets."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmseg_sparsevit.ops import (global_attention_probs, sparse_attention, sparse_attention_reference,
                                  sparse_attention_reference_probs, tile_layout)
 from mmseg_sparsevit.ops.backends import gather
-from mmseg_sparsevit.ops.backends.gather import gather_attention
-from sparse_attention_cases import CASES, LargestTensor, inputs, kept_positions
-
-
-@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
-@pytest.mark.parametrize('grid,num_global,window,batch,keep', CASES)
-def test_gather_matches_reference(neighbourhood, grid, num_global, window, batch, keep):
-    q, k, v, patch_index = inputs(hash((grid, window, batch)) % 1000, batch, num_global, grid, keep)
-    ref_out = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood, patch_index)
-    out = gather_attention(q, k, v, grid, num_global, window, neighbourhood, patch_index, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    assert out.shape == q.shape
-
-
-@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
-@pytest.mark.parametrize('keep', [1.0, 0.5])
-def test_gather_window_covering_grid_is_dense_attention(neighbourhood, keep):
-    q, k, v, patch_index = inputs(3, 2, 9, (6, 5), keep)
-    out = gather_attention(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+from sparse_attention_cases import LargestTensor, inputs, kept_positions
 
 
 def _reference_global_rows(q, k, grid, num_global, window, neighbourhood, patch_index):

@@ -1,13 +1,17 @@
-"""The geometry and the dense reference, which every backend is tested against, and the global rows.
+"""The geometry, the dense reference, every backend against it, and the global rows.
 
-The reference's geometry is checked against brute-force loops written here independently.
+The reference's geometry is checked against brute-force loops written here independently; each backend
+(its validated-argument function; flex uncompiled, on small shapes) is compared with the reference over
+hand-picked and seeded random cases.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmseg_sparsevit.ops import (global_attention_probs, neighbourhood_mask, sparse_attention_reference,
                                  sparse_attention_reference_probs, window_bounds)
-from sparse_attention_cases import inputs
+from mmseg_sparsevit.ops.backends.gather import gather_attention
+from sparse_attention_cases import CASES, flex_eager, inputs, needs_flex
 
 
 def _brute_bounds(pos: int, length: int, w: int, neighbourhood: str) -> tuple[int, int]:
@@ -49,6 +53,31 @@ def test_pruned_mask_is_full_mask_restricted_to_kept_tokens():
     for b in range(2):
         rows = torch.cat([torch.arange(num_global), keep[b] + num_global])
         assert torch.equal(pruned[b], full[rows][:, rows])
+
+
+# ---------------------------------------------------------------- every backend vs the reference ---
+# The backends' validated-argument functions; a new backend adds its entry here.
+BACKEND_FUNCTIONS = {'gather': gather_attention, 'flex': pytest.param(flex_eager, marks=needs_flex)}
+
+
+@pytest.mark.parametrize('backend_fn', BACKEND_FUNCTIONS.values(), ids=BACKEND_FUNCTIONS.keys())
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('grid,num_global,window,batch,keep', CASES)
+def test_backend_matches_reference(backend_fn, neighbourhood, grid, num_global, window, batch, keep):
+    q, k, v, patch_index = inputs(hash((grid, window, batch)) % 1000, batch, num_global, grid, keep)
+    ref_out = sparse_attention_reference(q, k, v, grid, num_global, window, neighbourhood, patch_index)
+    out = backend_fn(q, k, v, grid, num_global, window, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize('backend_fn', BACKEND_FUNCTIONS.values(), ids=BACKEND_FUNCTIONS.keys())
+@pytest.mark.parametrize('neighbourhood', ['block', 'sliding'])
+@pytest.mark.parametrize('keep', [1.0, 0.5])
+def test_window_covering_grid_is_dense_attention(backend_fn, neighbourhood, keep):
+    q, k, v, patch_index = inputs(3, 2, 9, (6, 5), keep)
+    out = backend_fn(q, k, v, (6, 5), 9, 6, neighbourhood, patch_index, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- global rows -----------------------
