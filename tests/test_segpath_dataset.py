@@ -3,6 +3,7 @@ import csv
 import gzip
 import os
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
@@ -207,3 +208,44 @@ def test_mask_loaded_after_resize_keeps_original_size(demo_root):
     results = LoadSegPathAnnotations()(results)
     assert results['img'].shape[:2] == (20, 20)
     assert results['gt_seg_map'].shape == results['ori_shape'] == (48, 48)
+
+
+def _truncate(path, keep):
+    """Keep a fraction of ``path``'s bytes (0: an empty file)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize('backend', ['pillow', 'cv2'])
+@pytest.mark.parametrize('keep', [0, 0.5])
+def test_undecodable_mask_error_names_the_file(tmp_path, backend, keep):
+    """An empty or truncated mask: Pillow said 'cannot identify image file <_io.BytesIO ...>', OpenCV
+    '!buf.empty()' or nothing at all; now a ValueError naming the mask file."""
+    results = LoadImageFromFile()(_write_pair(tmp_path, np.ones((8, 8), np.uint8)))
+    _truncate(results['seg_map_path'], keep)
+    with pytest.raises(ValueError, match=f"^{re.escape(results['seg_map_path'])}: cannot decode the mask with "
+                                         f'{backend}.*tools/prepare_segpath.py --strict'):
+        LoadSegPathAnnotations(imdecode_backend=backend)(results)
+
+
+@pytest.mark.parametrize('backend, keep, error', [('cv2', 0, 'error'), ('pillow', 0, 'UnidentifiedImageError'),
+                                                  ('pillow', 0.5, 'OSError'), ('cv2', 0.5, 'AssertionError')])
+def test_dataset_names_the_tile_the_loader_failed_on(tmp_path, backend, keep, error):
+    """mmcv's image loader names nothing for an empty tile (OpenCV) or any broken one (Pillow): the dataset
+    prepends the tile and mask paths, keeping the exception type; an error that names them already (OpenCV's
+    'failed to load image: <path>') passes unchanged."""
+    make_demo_data(str(tmp_path), ['CD235a'], tiles_per_antigen=3, tile_size=32)
+    ds = SegPathDataset(antigen='CD235a', split='train', data_root=str(tmp_path), serialize_data=False,
+                        pipeline=[LoadImageFromFile(imdecode_backend=backend), LoadSegPathAnnotations()])
+    info = ds.get_data_info(0)
+    _truncate(info['img_path'], keep)
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the type is the loader's, checked below
+        ds[0]
+    assert type(caught.value).__name__ == error
+    message = str(caught.value)
+    if error == 'AssertionError':
+        assert message == f"failed to load image: {info['img_path']}"
+    else:
+        assert message.startswith(f"{info['img_path']} (mask {info['seg_map_path']}): {error}: "), message

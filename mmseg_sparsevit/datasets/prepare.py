@@ -128,7 +128,7 @@ def _decode(path: str, flag: str, backends: Sequence[str]) -> Tuple[np.ndarray, 
             content = f.read()
         decoded = [mmcv.imfrombytes(content, flag=flag, backend=backend) for backend in backends]
     except Exception as err:  # any decoder failure: see the docstring
-        raise ValueError(f'{type(err).__name__}: {err}') from err
+        raise ValueError(f'{type(err).__name__}: {str(err).strip()}') from err
     if any(image is None for image in decoded):  # OpenCV returns None instead of raising
         raise ValueError('OpenCV cannot decode it: truncated or corrupt')
     return decoded[0], mode

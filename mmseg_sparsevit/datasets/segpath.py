@@ -21,7 +21,7 @@ import gzip
 import io
 import os.path as osp
 import re
-from typing import AbstractSet, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from mmseg.datasets import BaseSegDataset
@@ -290,3 +290,23 @@ class SegPathDataset(BaseSegDataset):
         if not data_list:
             raise ValueError(f'{self.ann_file} lists no {self.split!r} tiles for {self.segpath.antigen}')
         return data_list
+
+    def prepare_data(self, idx: int) -> Any:
+        """Run the pipeline on tile ``idx``; an error that does not name the tile's files gets them prepended.
+
+        mmcv's image loader names nothing for an empty tile (OpenCV: ``!buf.empty()``) or for any broken
+        tile with the Pillow backend (``cannot identify image file <_io.BytesIO ...>``). The exception keeps
+        its type where it can be rebuilt from a message."""
+        try:
+            return super().prepare_data(idx)
+        except Exception as err:
+            info = self.get_data_info(idx)
+            files = (info['img_path'], info['seg_map_path'])
+            if any(path in str(err) for path in files):
+                raise
+            message = f'{files[0]} (mask {files[1]}): {type(err).__name__}: {str(err).strip()}'
+            try:
+                named = type(err)(message)
+            except Exception:  # an exception type that needs other arguments
+                named = RuntimeError(message)
+            raise named from err
