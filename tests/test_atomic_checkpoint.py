@@ -172,3 +172,15 @@ def test_auto_resume_skips_a_damaged_latest_checkpoint_naming_it(tmp_path):
     (tmp_path / 'iter_2.pth').write_bytes(b'garbage')
     with pytest.raises(CheckpointFileError, match=f'no intact checkpoint in {tmp_path}: .*iter_2.pth'):
         find_resumable_checkpoint(str(tmp_path))
+
+
+def test_train_resume_auto_continues_from_the_newest_intact_checkpoint(tmp_path):
+    from mmengine.config import Config
+
+    from mmseg_sparsevit.cli.runner import configure_training
+
+    _write_checkpoint(tmp_path / 'iter_2.pth', 2)
+    (tmp_path / 'iter_4.pth').write_bytes(b'PK\x03\x04 cut short')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
+    cfg = configure_training(Config(dict(work_dir=str(tmp_path))), resume='auto')
+    assert (cfg.resume, cfg.load_from) == (True, str(tmp_path / 'iter_2.pth'))

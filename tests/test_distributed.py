@@ -1,16 +1,20 @@
 """Multi-process runs on CPU (gloo): the launchers start, a refused work-dir lock stops every rank, and the
 demo config trains, resumes and tests in 2 processes through the tools, matching 1 process."""
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmseg_sparsevit.engine import RunLock, launcher_env
 from mmseg_sparsevit.engine.run_lock import WORK_DIR_LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / 'configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py')
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -27,27 +31,21 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmseg_sparsevit.engine import RunLockedError, locked_work_dir, setup_distributed
 
-# nccl as in the configs: on CPU it is replaced by gloo
-setup_distributed(Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='nccl')))))
-print(f'rank {dist.get_rank()}/{dist.get_world_size()} backend {dist.get_backend()}', flush=True)
+setup_distributed(Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='gloo')))))
 try:
     with locked_work_dir(sys.argv[1]):
         print(f'rank {dist.get_rank()} LOCKED', flush=True)
-        dist.barrier()
 except RunLockedError as err:
     print(f'rank {dist.get_rank()} REFUSED: {err}', flush=True)
 '''
 
 
-def test_cpu_process_group_and_work_dir_lock_across_ranks(tmp_path):
+def test_a_refused_work_dir_lock_stops_every_rank(tmp_path):
+    """Only rank 0 tries the lock (the tool-level test below shows both ranks of one run sharing it); when it is
+    refused, rank 1 must stop too instead of waiting for rank 0 in the next collective."""
     script = tmp_path / 'lock.py'
     script.write_text(_LOCK_SCRIPT)
     work_dir = tmp_path / 'work'
-    run = torchrun(str(script), str(work_dir))
-    assert run.returncode == 0, run.stdout[-3000:]
-    assert 'rank 0/2 backend gloo' in run.stdout and 'rank 1/2 backend gloo' in run.stdout
-    assert 'rank 0 LOCKED' in run.stdout and 'rank 1 LOCKED' in run.stdout  # rank 1 does not lock itself out
-
     with RunLock(str(work_dir / WORK_DIR_LOCK_NAME)):  # another run holds the work dir
         run = torchrun(str(script), str(work_dir))
     assert run.returncode == 0, run.stdout[-3000:]
@@ -68,3 +66,60 @@ def test_launcher_env_from_scheduler_variables():
         launcher_env('pytorch', dict(RANK='0'))
     with pytest.raises(ValueError, match="got 'none'"):
         launcher_env('none', {})
+
+
+def run_tool(tool: str, *args: str, processes: int = 1) -> str:
+    """``tools/<tool> ARGS`` in one process, or in ``processes`` CPU processes via torchrun; returns the output."""
+    if processes == 1:
+        run = subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='2'), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=600)
+    else:
+        run = torchrun(str(ROOT / 'tools' / tool), *args, '--launcher', 'pytorch', timeout=600)
+    assert run.returncode == 0, f'{tool} {args} ({processes} processes) failed:\n{run.stdout[-5000:]}'
+    return run.stdout
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    from mmseg_sparsevit.datasets.synthetic import make_demo_data
+
+    root = tmp_path_factory.mktemp('segpath_demo')
+    make_demo_data(str(root), antigens=['panCK'], tiles_per_antigen=18, tile_size=128)  # 3 val / 3 test tiles
+    return root
+
+
+def tiny_run_options(data_root, max_iters: int):
+    """Batch 1, validation and a checkpoint only at the last iteration, the demo data, SyncBN in the adapter."""
+    return ['--cfg-options', f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={max_iters}',
+            f'default_hooks.checkpoint.interval={max_iters}', 'default_hooks.logger.interval=1',
+            'train_dataloader.batch_size=1', 'model.backbone.norm_cfg.type=SyncBN',
+            *(f'{split}_dataloader.dataset.data_root={data_root}' for split in ('train', 'val', 'test'))]
+
+
+def test_two_cpu_processes_train_resume_and_test_like_one(demo_root, tmp_path):
+    work_dir = tmp_path / 'train'
+    log = run_tool('train.py', DEMO, '--work-dir', str(work_dir), *tiny_run_options(demo_root, 2), processes=2)
+    assert 'Distributed training: True' in log
+    assert re.search(r'SyncBN layers reverted to BN', log)  # SyncBN raises on CPU tensors
+    assert len(re.findall(r'Saving checkpoint at 2 iterations', log)) == 1
+    assert sorted(p.name for p in work_dir.glob('*.pth')) == ['best_IoU_iter_2.pth', 'iter_2.pth']
+    assert not [p for p in work_dir.iterdir() if p.name.endswith('.tmp') or p.name == WORK_DIR_LOCK_NAME]
+
+    log = run_tool('train.py', DEMO, '--work-dir', str(work_dir), '--resume', *tiny_run_options(demo_root, 3),
+                   processes=2)
+    assert 'resumed epoch: 0, iter: 2' in log
+    assert [int(i) for i in re.findall(r'Iter\(train\) \[\s*(\d+)/3\]', log)] == [3]  # continued
+    ckpt = torch.load(work_dir / 'iter_3.pth', map_location='cpu', weights_only=False)
+    assert ckpt['meta']['iter'] == 3
+
+    # 3 test tiles on 2 processes: the sampler pads rank 1 with a repeated tile, which the collection must drop
+    metrics = {}
+    for processes in (1, 2):
+        test_dir = tmp_path / f'test_{processes}'
+        run_tool('test.py', DEMO, str(work_dir / 'iter_3.pth'), '--work-dir', str(test_dir),
+                 *tiny_run_options(demo_root, 3), processes=processes)
+        metrics[processes] = json.loads((test_dir / 'segpath_metrics.json').read_text())['metrics']
+    assert metrics[1].keys() == metrics[2].keys() and {'IoU', 'Dice', 'MPA'} <= metrics[1].keys()
+    for name, value in metrics[1].items():
+        assert metrics[2][name] == pytest.approx(value, abs=1e-6), name

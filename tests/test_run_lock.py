@@ -12,6 +12,7 @@ import pytest
 from mmseg_sparsevit.engine import WORK_DIR_LOCK_NAME, RunLock, RunLockedError, locked_work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / 'configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py')
 
 _HOLDER = '''
 import sys, time
@@ -117,3 +118,14 @@ def test_a_forked_child_does_not_keep_the_lock_of_a_killed_run(tmp_path):
         RunLock(str(path)).acquire().release()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the orphaned worker
+
+
+def test_train_tool_refuses_a_live_work_dir_before_writing_anything(tmp_path):
+    work_dir = tmp_path / 'work'
+    with RunLock(str(work_dir / WORK_DIR_LOCK_NAME)):  # a training run holds it
+        run = subprocess.run([sys.executable, str(ROOT / 'tools' / 'train.py'), DEMO, '--work-dir', str(work_dir)],
+                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 1
+    assert f'RunLockedError: work dir {work_dir} is in use by another run (pid {os.getpid()}' in run.stdout
+    assert os.listdir(work_dir) == []  # no log folder, no config dump: the refused run wrote nothing

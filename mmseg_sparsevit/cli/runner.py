@@ -15,6 +15,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 import mmseg_sparsevit  # noqa: F401  (registration, safe checkpoint loading)
+from mmseg_sparsevit.checkpoint import find_resumable_checkpoint
 from mmseg_sparsevit.datasets import get_antigen
 from mmseg_sparsevit.evaluation import RESULTS_FILENAME, save_results
 
@@ -65,7 +66,8 @@ def load_config(config: str,
 
 
 def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = False) -> Config:
-    """``resume``: None (fresh run), ``'auto'`` (latest checkpoint of the work dir) or a path."""
+    """``resume``: None (fresh run), ``'auto'`` (latest intact checkpoint of the work dir, see
+    :func:`~mmseg_sparsevit.checkpoint.find_resumable_checkpoint`) or a path."""
     if amp:
         optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if optim_wrapper == 'AmpOptimWrapper':
@@ -75,8 +77,9 @@ def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = Fa
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
-    if resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+    if resume == 'auto':  # the latest intact checkpoint; a damaged latest one is skipped, named in a warning
+        work_dir = cfg.get('work_dir')
+        cfg.resume, cfg.load_from = True, find_resumable_checkpoint(work_dir) if work_dir else None
     elif resume is not None:
         if not osp.isfile(resume):
             raise FileNotFoundError(f'--resume checkpoint not found: {resume}')

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_testing, load_config,
                                         parse_runner_arguments, write_segpath_results)
+from mmseg_sparsevit.engine import setup_distributed
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -34,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     configure_testing(cfg, args.checkpoint, show_dir=args.show_dir, out=args.out, amp=args.amp)
+    setup_distributed(cfg)  # gloo on CPU
     runner = build_runner(cfg)
     metrics = runner.test()
     if runner.rank == 0:

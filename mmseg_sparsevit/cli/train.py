@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_training, load_config,
                                         parse_runner_arguments)
+from mmseg_sparsevit.engine import locked_work_dir, setup_distributed
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -31,8 +32,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
-    configure_training(cfg, resume=args.resume, amp=args.amp)
-    build_runner(cfg).train()
+    setup_distributed(cfg)  # before the runner: gloo on CPU, and the lock below is agreed by every rank
+    with locked_work_dir(cfg.work_dir):  # a second run on this work dir refuses
+        configure_training(cfg, resume=args.resume, amp=args.amp)
+        build_runner(cfg).train()
     return 0
 
 

@@ -78,12 +78,13 @@ def launcher_env(launcher: str, environ: Mapping[str, str]) -> Dict[str, str]:
     raise ValueError(f"launcher must be 'pytorch', 'slurm' or 'mpi', got {launcher!r}")
 
 
-def _cpu_process_group_args(dist_cfg: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+def _cpu_process_group_args(dist_cfg: Mapping[str, Any], rank: int) -> Tuple[str, Dict[str, Any]]:
     kwargs = dict(dist_cfg)
     backend = kwargs.pop('backend', 'gloo')
-    if backend == 'nccl':
+    if backend == 'nccl' and rank == 0:
         print_log("no GPU: using the 'gloo' backend instead of 'nccl' from env_cfg.dist_cfg", logger='current',
                   level=logging.WARNING)
+    if backend == 'nccl':
         backend = 'gloo'
     if kwargs.get('timeout') is not None:
         kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
@@ -111,6 +112,6 @@ def setup_distributed(cfg: Config) -> None:
         return
     env = launcher_env(launcher, os.environ)
     os.environ.update(env)
-    backend, kwargs = _cpu_process_group_args(dist_cfg)
-    torch_dist.init_process_group(backend=backend, rank=int(env['RANK']), world_size=int(env['WORLD_SIZE']),
-                                  **kwargs)
+    rank = int(env['RANK'])
+    backend, kwargs = _cpu_process_group_args(dist_cfg, rank)
+    torch_dist.init_process_group(backend=backend, rank=rank, world_size=int(env['WORLD_SIZE']), **kwargs)

@@ -29,8 +29,9 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    # 'IoU' is the cell-type IoU of SegPathMetric, the paper's IoU column.
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2000, max_keep_ckpts=2,
+    # 'IoU' is the cell-type IoU of SegPathMetric, the paper's IoU column. AtomicCheckpointHook (this plugin's
+    # CheckpointHook) never leaves a truncated checkpoint under a final name (docs/run_safety.md).
+    checkpoint=dict(type='AtomicCheckpointHook', by_epoch=False, interval=2000, max_keep_ckpts=2,
                     save_best='IoU', rule='greater'),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
