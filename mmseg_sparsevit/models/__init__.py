@@ -6,11 +6,12 @@ the adapter and the registration need mmseg and mmcv ops, and are skipped when t
 """
 from mmseg_sparsevit.openmmlab import mmseg_available
 
-from .presets import ARCH_PRESETS, ViTArch, get_arch, timm_kwargs
+from .presets import ARCH_PRESETS, PRETRAINED, PretrainedModel, ViTArch, get_arch, timm_kwargs
 from .sparse_vit import SparseViT
 from .weights import load_pretrained_weights
 
-__all__ = ['ARCH_PRESETS', 'SparseViT', 'ViTArch', 'get_arch', 'load_pretrained_weights', 'timm_kwargs']
+__all__ = ['ARCH_PRESETS', 'PRETRAINED', 'PretrainedModel', 'SparseViT', 'ViTArch', 'get_arch', 'load_pretrained_weights',
+           'timm_kwargs']
 
 if mmseg_available():
     from mmseg.registry import MODELS
