@@ -152,3 +152,23 @@ def test_every_pretrained_preset_has_a_reference() -> None:
     """The equality tests above (and the transformers-layout ones) cover each published preset."""
     assert set(PRETRAINED) <= set(ARCH_PRESETS)
     assert set(TIMM_REFERENCES) | set(TRANSFORMERS_REFERENCES) == set(PRETRAINED)
+
+
+def test_checkpoint_pos_embed_is_resampled_with_the_models_own_rule(tmp_path: Path) -> None:
+    """Phikon stored for 224 px, built for 448 px: ``pos_embed`` resized as transformers' ViT does (bicubic, no
+    antialiasing), not timm's antialiased rule, so features at 448 px match the transformers model."""
+    build, _ = TRANSFORMERS_REFERENCES['phikon']
+    torch.manual_seed(0)
+    ref = build(1).eval()
+    ref.save_pretrained(tmp_path)
+    model = SparseViT('phikon', depth=1, img_size=448, pretrained=str(tmp_path / 'model.safetensors')).eval()
+    model.init_weights()
+    stored = ref.embeddings.position_embeddings.detach()
+    grid = stored[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(28, 28), mode='bicubic', align_corners=False)
+    expected = torch.cat([stored[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 28 * 28, -1)], dim=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=1e-6, rtol=0)
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), ref(pixel_values=x, interpolate_pos_encoding=True)
+                                   .last_hidden_state, atol=1e-5, rtol=0)
