@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job on embedded demo data, end to end on CPU (4-7 min on 2 cores):
 # generate SegPath-layout tiles -> train the demo ViT-Adapter + Mask2Former with dense and with
-# windowed sparse attention -> test each saved checkpoint -> print the MPA / IoU / Dice table.
+# windowed sparse attention -> test each saved checkpoint -> print the MPA / IoU / Dice table ->
+# segment a generated whole-slide image with the sparse checkpoint (docs/whole_slide.md).
 #   usage: scripts/run_demo.sh [WORK_DIR]   (default work_dirs/demo)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,3 +26,17 @@ done
 
 echo "==> [demo] summary (percent; prediction overlays under $WORK_DIR/*/vis)"
 "$PY" tools/summarize_segpath.py "$WORK_DIR" --md "$WORK_DIR/summary.md" --csv "$WORK_DIR/summary.csv"
+
+slide="data/demo_slide/demo_panCK.tiff"
+slide_dir="$WORK_DIR/slide"
+sparse_config="configs/demo/mask2former_tiny-sparse-adapter_1xb4-300_segpath-demo-112x112.py"
+echo "==> [demo] whole-slide inference: generating $slide, segmenting it into $slide_dir"
+"$PY" tools/make_demo_slide.py "$slide" --mask-png "${slide%.tiff}_mask.png"
+"$PY" tools/infer_slide.py "$sparse_config" "$(cat "$WORK_DIR/sparse/last_checkpoint")" "$slide" \
+  --out-dir "$slide_dir" --tile-size 224 --overlap 28 --workers 2
+stem="$(basename "${slide%.*}")"
+echo "==> [demo] whole-slide outputs:"
+echo "    overlay  $slide_dir/$stem.overlay.png"
+echo "    TIFF     $slide_dir/$stem.classes.tiff   (pyramidal class map; OpenSlide / QuPath open it)"
+echo "    GeoJSON  $slide_dir/$stem.geojson        (QuPath: File > Import objects)"
+echo "    summary  $slide_dir/$stem.summary.json"

@@ -76,7 +76,7 @@ def test_outputs_read_back_and_equal_the_whole_region(demo_slide, tmp_path):
     assert result.status == 'done'
     classes, geojson, summary = read_outputs(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ['demo.classes.tiff', 'demo.geojson', 'demo.overlay.png',
-                                            'demo.summary.json']
+                                            'demo.summary.json', 'demo.tiles.png']
     # The TIFF: the canvas at the target µm/px, opened by OpenSlide with that µm/px.
     assert classes.shape == (384, 512)
     with openslide.OpenSlide(str(tmp_path / 'demo.classes.tiff')) as slide:

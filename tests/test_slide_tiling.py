@@ -49,7 +49,8 @@ def test_specks_are_dropped_and_small_holes_filled():
 
 def test_tile_size_must_be_a_multiple_of_the_patch_size():
     check_tile_size(448, 14)
-    with pytest.raises(ValueError, match="tile size 500 is not a multiple of the model's patch size 14: use 490 or 504"):
+    message = "tile size 500 is not a multiple of the model's patch size 14: use 490 or 504"
+    with pytest.raises(ValueError, match=message):
         check_tile_size(500, 14)
 
 

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from mmseg_sparsevit.slide import (atomic_path, class_polygons, geojson_features, overlay, pyramid_factors,
-                                   write_geojson, write_json, write_pyramidal_tiff)
+                                   tiling_preview, write_geojson, write_json, write_pyramidal_tiff)
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
 
@@ -100,3 +100,16 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == []
     write_json(str(path), {'a': 1})
     assert json.loads(path.read_text()) == {'a': 1} and os.listdir(tmp_path) == ['out.json']
+
+
+def test_tiling_preview_draws_tiles_and_tissue_where_they_are():
+    view = np.full((100, 150, 3), 255, np.uint8)  # 4 level-0 px per view px
+    tissue = np.zeros((50, 75), bool)  # 8 level-0 px per mask px
+    tissue[10:30, 10:40] = True
+    out = tiling_preview(view, (4.0, 4.0), np.array([[80, 40]]), (160.0, 160.0), tissue)
+    blue = np.all(out == (30, 60, 220), axis=-1)
+    ys, xs = np.nonzero(blue)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (20, 59, 10, 49)  # level-0 [80, 240) x [40, 200)
+    assert not blue[30, 40]  # inside the tile
+    green = np.all(out == (0, 160, 0), axis=-1)
+    assert green[20:60, 18:22].any() and not green[40, 50]  # tissue outline at view x = 20, not inside

@@ -7,7 +7,7 @@ own data preprocessor and ``predict`` (AMP on GPU) -> blended scores -> class ma
   analysed), resolution tags set, opened by OpenSlide and QuPath;
 - ``<stem>.geojson``: one QuPath annotation per class (MultiPolygon, level-0 px);
 - ``<stem>.overlay.png``: the slide (at the target µm/px, at most ``overlay_max_side`` px) with the classes
-  painted in;
+  painted in; ``<stem>.tiles.png``: the same view with the tissue outline and the tiles that were run;
 - ``<stem>.summary.json``: areas in mm², tiles, time, peak memory. Written last: its presence marks a slide
   done, so a rerun skips it.
 
@@ -39,8 +39,8 @@ from .reader import SlideReadError, open_slide
 from .stitching import Block, Stitcher
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
-from .writers import (NOT_ANALYSED, atomic_path, geojson_features, overlay, write_geojson, write_json, write_png,
-                      write_pyramidal_tiff)
+from .writers import (NOT_ANALYSED, atomic_path, geojson_features, overlay, tiling_preview, write_geojson,
+                      write_json, write_png, write_pyramidal_tiff)
 
 GB = 1024 ** 3
 _STATE_VERSION = 1
@@ -147,7 +147,8 @@ def slide_stem(path: str) -> str:
 def output_paths(out_dir: str, stem: str) -> Dict[str, str]:
     """Where the outputs of slide ``stem`` go."""
     return {'tiff': osp.join(out_dir, f'{stem}.classes.tiff'), 'geojson': osp.join(out_dir, f'{stem}.geojson'),
-            'overlay': osp.join(out_dir, f'{stem}.overlay.png'), 'summary': osp.join(out_dir, f'{stem}.summary.json')}
+            'overlay': osp.join(out_dir, f'{stem}.overlay.png'), 'tiles': osp.join(out_dir, f'{stem}.tiles.png'),
+            'summary': osp.join(out_dir, f'{stem}.summary.json')}
 
 
 class PartialRun:
@@ -295,6 +296,8 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
     write_geojson(outputs['geojson'], geojson_features(class_map, grid.downsample, segmenter.classes, palette,
                                                        min_area_px=settings.polygon_min_area_px))
     write_png(outputs['overlay'], overlay(view.image, class_map, palette))
+    write_png(outputs['tiles'], tiling_preview(view.image, view.downsample, grid.level0_coords(),
+                                               grid.level0_tile_size, None if tissue is None else tissue.mask))
     counts = _class_pixels(class_map)
     px_mm2 = grid.downsample[0] * grid.downsample[1] * slide_mpp[0] * slide_mpp[1] * 1e-6
     analysed = counts[:segmenter.num_classes].sum() * px_mm2

@@ -170,6 +170,25 @@ def overlay(thumbnail: np.ndarray, class_map: np.ndarray, palette: Sequence[RGB]
     return out.round().astype(np.uint8)
 
 
+def tiling_preview(view: np.ndarray, downsample: Tuple[float, float], tile_corners: np.ndarray,
+                   tile_size: Tuple[float, float], tissue: Optional[np.ndarray] = None) -> np.ndarray:
+    """The slide view (h, w, 3) with the tissue outline (green) and the tiles (blue) drawn on it.
+
+    ``downsample``: level-0 px per view px; ``tile_corners`` (N, 2) and ``tile_size`` in level-0 px;
+    ``tissue``: a boolean mask of any size covering the slide."""
+    out = np.ascontiguousarray(view.copy())
+    if tissue is not None:
+        mask = cv2.resize(tissue.astype(np.uint8), (view.shape[1], view.shape[0]), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (0, 160, 0), 2)
+    scale = np.asarray(downsample, np.float64)
+    for corner in np.asarray(tile_corners, np.float64):
+        x0, y0 = np.round(corner / scale).astype(int)
+        x1, y1 = np.round((corner + np.asarray(tile_size)) / scale).astype(int) - 1
+        cv2.rectangle(out, (int(x0), int(y0)), (int(x1), int(y1)), (30, 60, 220), 1)
+    return out
+
+
 def write_png(path: str, rgb: np.ndarray) -> None:
     """An RGB array as PNG, atomically."""
     with atomic_path(path) as tmp:
