@@ -8,7 +8,7 @@ import argparse
 import os
 import os.path as osp
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -33,12 +33,16 @@ def add_runner_arguments(parser: argparse.ArgumentParser, cfg_example: str) -> N
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def parse_runner_arguments(parser: argparse.ArgumentParser,
-                           argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse, and export ``LOCAL_RANK`` for launchers that only pass ``--local-rank``."""
+def parse_runner_config(parser: argparse.ArgumentParser,
+                        argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Config]:
+    """Parse ``argv`` (with the options of :func:`add_runner_arguments` and a ``config`` argument) and load
+    that config with ``--cfg-options``, ``--work-dir`` and ``--launcher`` applied (:func:`load_config`).
+
+    Exports ``LOCAL_RANK`` for launchers that only pass ``--local-rank``.
+    """
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    return args, load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
 
 
 def load_config(config: str,

@@ -14,12 +14,12 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_testing, load_config,
-                                        parse_runner_arguments, write_segpath_results)
+from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_testing, parse_runner_config,
+                                        write_segpath_results)
 from mmseg_sparsevit.engine import setup_distributed
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='test config file')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -28,12 +28,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tag', help="run tag in the result file (default: the config's segpath_tag "
                         'or its file name)')
     add_runner_arguments(parser, 'test_dataloader.dataset.split=val')
-    return parse_runner_arguments(parser, argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    args, cfg = parse_runner_config(parser, argv)
     configure_testing(cfg, args.checkpoint, show_dir=args.show_dir, out=args.out, amp=args.amp)
     setup_distributed(cfg)  # gloo on CPU
     runner = build_runner(cfg)

@@ -13,12 +13,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_training, load_config,
-                                        parse_runner_arguments)
+from mmseg_sparsevit.cli.runner import add_runner_arguments, build_runner, configure_training, parse_runner_config
 from mmseg_sparsevit.engine import locked_work_dir, setup_distributed
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='train config file')
     parser.add_argument(
@@ -26,12 +25,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='resume training: alone, from the latest checkpoint in the work dir; '
         'with a path, from that checkpoint')
     add_runner_arguments(parser, 'model.backbone.vit_cfg.window_size=16')
-    return parse_runner_arguments(parser, argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    args, cfg = parse_runner_config(parser, argv)
     setup_distributed(cfg)  # before the runner: gloo on CPU, and the lock below is agreed by every rank
     with locked_work_dir(cfg.work_dir):  # a second run on this work dir refuses
         configure_training(cfg, resume=args.resume, amp=args.amp)
