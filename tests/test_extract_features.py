@@ -234,3 +234,59 @@ def test_cli_extracts_resumes_and_names_missing_weights(tmp_path, demo, referenc
     weights_argv = [a for a in argv if a != '--random-init'] + ['--weights', str(tmp_path / 'nope.bin')]
     with pytest.raises(FileNotFoundError, match='nope.bin'):
         main(weights_argv)
+
+
+VIRCHOW2_TINY = dict(arch='virchow2', arch_overrides=dict(embed_dim=32, depth=3, num_heads=2, patch_size=8),
+                     prune_after=2, window_size=2)
+
+
+@pytest.mark.parametrize('mode', ['dense', 'sparse+prune'])
+def test_embedding_is_the_presets_recipe(batch, mode):
+    """Virchow2's recipe (CLS ++ mean of the patch tokens, its 4 registers left out); UNI-2's is the CLS token."""
+    model = build_backbone(ExtractionConfig(size=SIZE, mode=mode, **VIRCHOW2_TINY))
+    assert model.global_pool == 'token+avg' and model.num_prefix_tokens == 5
+    out = embed_batch(model, batch)
+    with torch.no_grad():
+        tokens = model.forward_tokens(batch).tokens
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=1)  # registers are tokens 1..4
+    assert out['embedding'].shape == (4, 64) and out['embedding'].dtype == torch.float32
+    torch.testing.assert_close(out['embedding'], expected, rtol=0, atol=0)
+    assert not torch.allclose(tokens[:, 1:].mean(dim=1), tokens[:, 5:].mean(dim=1))  # registers would change it
+    uni2 = build_backbone(ExtractionConfig(size=SIZE, mode=mode, arch='uni2-h', prune_after=2, window_size=2,
+                                           arch_overrides=VIRCHOW2_TINY['arch_overrides']))
+    emb = embed_batch(uni2, batch)
+    assert torch.equal(emb['embedding'], emb['cls'])
+
+
+def test_feature_file_stores_the_embedding_and_eval_defaults_to_it(tmp_path, demo):
+    out = str(tmp_path / 'virchow2.npz')
+    cfg = ExtractionConfig(size=SIZE, mode='sparse', **VIRCHOW2_TINY)
+    extract_features(cfg, demo['samples'], demo['class_names'], out, batch_size=4, num_workers=0)
+    data = load_features(out)
+    assert data['embedding'].shape == (len(demo['samples']), 64) and data['embedding'].dtype == np.float32
+    np.testing.assert_array_equal(data['embedding'], np.concatenate([data['cls'], data['patch_mean']], axis=1))
+    with np.load(out) as raw:  # stored in the file, not composed on loading
+        assert 'embedding' in raw.files
+    result = runpy.run_path(str(EXTRACT_TOOL.parent / 'eval_features.py'))['main'](
+        [out, '--out', str(tmp_path / 'eval.json'), '--c-grid', '1', '--knn-k', '3'])
+    assert result['feature'] == 'embedding'
+
+
+def test_run_begun_before_the_embedding_existed_resumes(tmp_path, demo):
+    """Shards written without ``embedding`` (an older run) resume; loading composes it by the arch's recipe."""
+    cfg = ExtractionConfig(size=SIZE, mode='sparse', **VIRCHOW2_TINY)
+    reference = str(tmp_path / 'reference.npz')
+    extract_features(cfg, demo['samples'], demo['class_names'], reference, batch_size=4, num_workers=0)
+    out = str(tmp_path / 'old.npz')
+    extract_features(cfg, demo['samples'], demo['class_names'], out, batch_size=4, num_workers=0, max_batches=2)
+    for name in os.listdir(out + '.partial'):
+        if name.startswith('shard_'):  # rewrite as the older code did: no embedding array
+            path = osp.join(out + '.partial', name)
+            with np.load(path) as shard:
+                arrays = {k: shard[k] for k in shard.files if k != 'embedding'}
+            np.savez(path, **arrays)
+    result = extract_features(cfg, demo['samples'], demo['class_names'], out, batch_size=4, num_workers=0)
+    assert result['finished'] and result['num_resumed'] == 8
+    with np.load(out) as raw:
+        assert 'embedding' not in raw.files
+    np.testing.assert_array_equal(load_features(out)['embedding'], load_features(reference)['embedding'])

@@ -1,4 +1,4 @@
-"""Extract frozen SparseViT embeddings (CLS token, mean patch token) of a classification dataset.
+"""Extract frozen SparseViT embeddings (the model's prescribed embedding, CLS token, mean patch token) of a dataset.
 
 One input size and attention mode per call; the output ``.npz`` is resumable: rerunning the same
 command after an interruption continues where it stopped (see docs/feature_extraction.md).

@@ -57,7 +57,8 @@ def add_extraction_args(parser: argparse.ArgumentParser) -> None:
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('evaluation')
-    group.add_argument('--feature', default='cls', choices=FEATURE_KINDS, help='embedding to probe')
+    group.add_argument('--feature', choices=FEATURE_KINDS,
+                       help="embedding to probe (default: the model's prescribed 'embedding', cls for files without)")
     group.add_argument('--c-grid', type=float, nargs='+', default=list(DEFAULT_C_GRID),
                        help='LogisticRegression C values tried on the val split')
     group.add_argument('--knn-k', type=int, default=KNN_K, help='neighbours (clamped to the train size)')

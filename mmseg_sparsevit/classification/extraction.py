@@ -4,7 +4,9 @@ Modes are the attention modes of ``models.modes``: ``vanilla`` / ``dense`` (all-
 SDPA), ``sparse`` (windowed sparse attention) and ``sparse+prune`` (sparse attention with attention-guided token
 pruning after block ``prune_after``, keeping ``M - floor(prune_ratio * M)`` of the M patch tokens, see
 ``models.pruning.num_kept_tokens``). Precision is one of ``EXTRACTION_PRECISIONS`` (fp32 weights, autocast).
-Each image yields the final-norm CLS token and the mean of the surviving patch tokens.
+Each image yields the final-norm CLS token, the mean of the surviving patch tokens (registers excluded) and the
+model's prescribed ``embedding`` (``SparseViT.pool``: the preset's ``global_pool`` recipe, e.g. CLS for UNI-2,
+CLS ++ patch mean for Virchow2).
 """
 import dataclasses
 import hashlib
@@ -98,14 +100,16 @@ def resolve_extraction_precision(precision: str, device: torch.device) -> str:
 
 @torch.inference_mode()
 def embed_batch(model: SparseViT, images: torch.Tensor, precision: str = 'fp32') -> Dict[str, Optional[torch.Tensor]]:
-    """``cls`` / ``patch_mean`` (B, C) float32, ``kept_index`` (B, K) or None, ``num_kept`` (B,)."""
+    """``cls`` / ``patch_mean`` (B, C) and ``embedding`` (B, D: the model's ``pool`` recipe) float32,
+    ``kept_index`` (B, K) or None, ``num_kept`` (B,)."""
     with autocast(precision, images.device.type):
         out = model.forward_tokens(images)
         cls, patch_mean = model.pool(out.tokens, 'token'), model.pool(out.tokens, 'avg')
+        embedding = model.pool(out.tokens)
     grid_h, grid_w = out.grid_hw
     num_kept = grid_h * grid_w if out.kept_index is None else out.kept_index.shape[1]
-    return dict(cls=cls.float(), patch_mean=patch_mean.float(), kept_index=out.kept_index,
-                num_kept=torch.full((images.shape[0],), num_kept, dtype=torch.long))
+    return dict(cls=cls.float(), patch_mean=patch_mean.float(), embedding=embedding.float(),
+                kept_index=out.kept_index, num_kept=torch.full((images.shape[0],), num_kept, dtype=torch.long))
 
 
 def samples_fingerprint(samples: Sequence[Sample]) -> str:
@@ -129,6 +133,7 @@ def extraction_meta(cfg: ExtractionConfig, samples: Sequence[Sample], device: to
 def _batch_arrays(emb: Dict[str, Optional[torch.Tensor]], batch: List[Sample]) -> Dict[str, np.ndarray]:
     return dict(
         cls=emb['cls'].cpu().numpy(), patch_mean=emb['patch_mean'].cpu().numpy(),
+        embedding=emb['embedding'].cpu().numpy(),
         label=np.asarray([s.label for s in batch], dtype=np.int64),
         id=np.asarray([s.image_id for s in batch], dtype=str),
         split=np.asarray([s.split for s in batch], dtype=str),

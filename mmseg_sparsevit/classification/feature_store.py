@@ -7,8 +7,11 @@ continues after the last complete shard; different ``meta`` is an error (the sto
 be mixed). When every sample is done the shards are concatenated into ``<out>.npz`` (again via an
 atomic rename) and the partial folder is removed.
 
-The final file is a plain numpy archive (no pickles) with the arrays named in ``FEATURE_KEYS`` plus
-``class_names`` and ``meta`` (a JSON string).
+The final file is a plain numpy archive (no pickles) with the arrays named in ``FEATURE_KEYS``, the model's
+prescribed tile embedding ``embedding`` (``SparseViT.pool``: CLS, patch mean or both, by the preset's
+``global_pool``), ``class_names`` and ``meta`` (a JSON string). Files and shards written before ``embedding``
+existed stay readable and resumable: :func:`load_features` composes it from ``cls`` and ``patch_mean`` with the
+recipe of the architecture their ``meta`` names.
 """
 import json
 import os
@@ -16,13 +19,15 @@ import os.path as osp
 import re
 import shutil
 import zipfile
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from mmengine.logging import print_log
 
 # Per-sample arrays: embeddings (N, C) float32, label (N,) int64, id / split (N,) str, num_kept (N,) int64.
 FEATURE_KEYS = ('cls', 'patch_mean', 'label', 'id', 'split', 'num_kept')
+# The prescribed embedding (N, D) float32; optional so that runs started before it existed still resume.
+EMBEDDING_KEY = 'embedding'
 SHARD_PATTERN = re.compile(r'^shard_(\d{9})\.npz$')
 
 
@@ -39,8 +44,27 @@ def _meta_diff(stored: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
 
 
-def read_npz(path: str, keys: Sequence[str], what: str, remedy: str) -> Dict[str, np.ndarray]:
-    """The arrays ``keys`` of the numpy archive ``path``, read in full while it is open.
+def compose_embedding(cls: np.ndarray, patch_mean: np.ndarray, recipe: str) -> np.ndarray:
+    """The embedding ``SparseViT.pool`` gives for ``recipe`` ('token', 'avg' or 'token+avg'), from its parts."""
+    parts = {'token': [cls], 'avg': [patch_mean], 'token+avg': [cls, patch_mean]}
+    if recipe not in parts:
+        raise ValueError(f'unknown embedding recipe {recipe!r}; expected one of {list(parts)}')
+    return np.concatenate(parts[recipe], axis=1)
+
+
+def embedding_recipe(meta: Dict[str, Any]) -> Optional[str]:
+    """The ``global_pool`` of the architecture an extraction ``meta`` names, or None when it names none."""
+    config = meta.get('config')
+    if not isinstance(config, dict) or 'arch' not in config:
+        return None
+    from mmseg_sparsevit.models.presets import get_arch  # torch + timm, needed only for files that lack it
+    return get_arch(config['arch'], **config.get('arch_overrides', {})).global_pool
+
+
+def read_npz(path: str, keys: Sequence[str], what: str, remedy: str,
+             optional: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    """The arrays ``keys`` (and those of ``optional`` that exist) of the numpy archive ``path``, read in full
+    while it is open.
 
     An empty, truncated or corrupt file (numpy and zipfile raise ``EOFError``, ``BadZipFile``, ...
     without the path) or one lacking a key raises a ``ValueError`` naming the file, ``what`` it is and
@@ -51,7 +75,7 @@ def read_npz(path: str, keys: Sequence[str], what: str, remedy: str) -> Dict[str
             raise ValueError('a single .npy array, not an .npz archive')
         with data:
             names = data.files
-            arrays = {k: data[k] for k in keys if k in names}
+            arrays = {k: data[k] for k in (*keys, *optional) if k in names}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f'{path}: unreadable {what} ({type(err).__name__}: {err}); {remedy}') from err
     missing = [k for k in keys if k not in arrays]
@@ -61,13 +85,18 @@ def read_npz(path: str, keys: Sequence[str], what: str, remedy: str) -> Dict[str
 
 
 def load_features(path: str) -> Dict[str, Any]:
-    """Read a finished feature file: the arrays of ``FEATURE_KEYS``, ``class_names`` and ``meta`` (dict)."""
+    """Read a finished feature file: the arrays of ``FEATURE_KEYS``, ``embedding``, ``class_names`` and ``meta``
+    (dict). A file without ``embedding`` gets it composed by its architecture's recipe (absent if ``meta`` names
+    no architecture)."""
     if not osp.isfile(path):
         hint = ' (extraction unfinished: resume it)' if osp.isdir(f'{path}.partial') else ''
         raise FileNotFoundError(f'feature file not found: {path}{hint}')
     out: Dict[str, Any] = read_npz(path, FEATURE_KEYS + ('class_names', 'meta'), 'feature file',
-                                   're-extract it (--overwrite)')
+                                   're-extract it (--overwrite)', optional=(EMBEDDING_KEY,))
     out['meta'] = json.loads(str(out['meta']))
+    recipe = embedding_recipe(out['meta'])
+    if EMBEDDING_KEY not in out and recipe is not None:
+        out[EMBEDDING_KEY] = compose_embedding(out['cls'], out['patch_mean'], recipe)
     return out
 
 
@@ -115,9 +144,10 @@ class FeatureStore:
     def _shard_path(self, start: int) -> str:
         return osp.join(self.partial_dir, f'shard_{start:09d}.npz')
 
-    def _read_shard(self, start: int, keys: Sequence[str]) -> Dict[str, np.ndarray]:
+    def _read_shard(self, start: int, keys: Sequence[str], optional: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         return read_npz(self._shard_path(start), keys, 'feature shard',
-                        'delete it and every later shard to redo those batches, or pass overwrite=True (--overwrite)')
+                        'delete it and every later shard to redo those batches, or pass overwrite=True (--overwrite)',
+                        optional)
 
     def open(self) -> int:
         """Prepare the partial folder; return how many leading samples are already stored."""
@@ -152,15 +182,22 @@ class FeatureStore:
         missing = [k for k in FEATURE_KEYS if k not in arrays]
         if missing:
             raise KeyError(f'shard arrays lack {missing}')
-        _atomic_savez(self._shard_path(start), {k: arrays[k] for k in FEATURE_KEYS})
+        _atomic_savez(self._shard_path(start), {k: arrays[k] for k in (*FEATURE_KEYS, EMBEDDING_KEY) if k in arrays})
 
     def finalize(self, class_names: List[str]) -> str:
-        """Concatenate the shards into ``path``, check the sample count, remove the partial folder."""
-        parts: Dict[str, List[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
+        """Concatenate the shards into ``path``, check the sample count, remove the partial folder.
+
+        ``embedding`` is stored only when every shard has it (shards of a run begun before it existed lack it;
+        :func:`load_features` composes it for such files)."""
+        keys = (*FEATURE_KEYS, EMBEDDING_KEY)
+        parts: Dict[str, List[np.ndarray]] = {k: [] for k in keys}
         for start in self._shard_starts():
-            shard = self._read_shard(start, FEATURE_KEYS)
-            for k in FEATURE_KEYS:
-                parts[k].append(shard[k])
+            shard = self._read_shard(start, FEATURE_KEYS, optional=(EMBEDDING_KEY,))
+            for k in keys:
+                if k in shard:
+                    parts[k].append(shard[k])
+        if len(parts[EMBEDDING_KEY]) != len(parts['label']):
+            del parts[EMBEDDING_KEY]
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         if len(arrays['label']) != self.num_samples:
             raise RuntimeError(f'{self.partial_dir}: {len(arrays["label"])} of {self.num_samples} samples '

@@ -12,7 +12,7 @@ stratified ``test_fraction`` of train is held out. Missing ``val``: a seeded str
 are scikit-learn's: accuracy, balanced accuracy, weighted F1, macro one-vs-rest AUROC.
 """
 import warnings
-from typing import Any, Dict, List, Literal, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -24,17 +24,28 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .dataset import SPLITS
 
-FeatureKind = Literal['cls', 'patch_mean', 'cls+patch_mean']
-FEATURE_KINDS = ('cls', 'patch_mean', 'cls+patch_mean')
+# 'embedding' is the model's prescribed tile embedding (``SparseViT.pool``); the others are its parts.
+FeatureKind = Literal['embedding', 'cls', 'patch_mean', 'cls+patch_mean']
+FEATURE_KINDS = ('embedding', 'cls', 'patch_mean', 'cls+patch_mean')
 DEFAULT_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 9))
 KNN_K = 20
 METRIC_NAMES = ('accuracy', 'balanced_accuracy', 'weighted_f1', 'auroc')
 
 
-def select_features(data: Dict[str, Any], feature: FeatureKind = 'cls') -> np.ndarray:
-    """(N, C) float64 matrix of the chosen embedding (``cls+patch_mean`` concatenates both)."""
+def default_feature(data: Dict[str, Any]) -> FeatureKind:
+    """The prescribed ``embedding`` when the file has (or its meta implies) one, else ``cls``."""
+    return 'embedding' if 'embedding' in data else 'cls'
+
+
+def select_features(data: Dict[str, Any], feature: Optional[FeatureKind] = None) -> np.ndarray:
+    """(N, C) float64 matrix of the chosen embedding (``cls+patch_mean`` concatenates both; None:
+    :func:`default_feature`)."""
+    feature = default_feature(data) if feature is None else feature
     if feature not in FEATURE_KINDS:
         raise ValueError(f'feature must be one of {FEATURE_KINDS}, got {feature!r}')
+    if feature == 'embedding' and 'embedding' not in data:
+        raise ValueError("the feature file has no prescribed 'embedding' (its meta names no architecture); "
+                         "choose --feature cls, patch_mean or cls+patch_mean")
     parts = feature.split('+')
     return np.concatenate([np.asarray(data[p], dtype=np.float64) for p in parts], axis=1)
 
@@ -160,12 +171,14 @@ def check_class_coverage(y: np.ndarray, splits: Dict[str, Any], class_names: Seq
                           f'{consequence[split]}')
 
 
-def evaluate_features(data: Dict[str, Any], feature: FeatureKind = 'cls', c_grid: Sequence[float] = DEFAULT_C_GRID,
-                      knn_k: int = KNN_K, val_fraction: float = 0.2, test_fraction: float = 0.25,
-                      seed: int = 0, source: str = 'features') -> Dict[str, Any]:
+def evaluate_features(data: Dict[str, Any], feature: Optional[FeatureKind] = None,
+                      c_grid: Sequence[float] = DEFAULT_C_GRID, knn_k: int = KNN_K, val_fraction: float = 0.2,
+                      test_fraction: float = 0.25, seed: int = 0, source: str = 'features') -> Dict[str, Any]:
     """Both probes on a loaded feature file (``load_features``); the result is JSON-serialisable.
 
-    ``source`` (the file's path) starts every error and warning about the data."""
+    ``source`` (the file's path) starts every error and warning about the data; ``feature`` None probes
+    :func:`default_feature`."""
+    feature = default_feature(data) if feature is None else feature
     x, y = select_features(data, feature), np.asarray(data['label'])
     num_classes = len(data['class_names'])
     try:
