@@ -149,8 +149,9 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 @contextlib.contextmanager
-def locked_work_dir(work_dir: str) -> Iterator[None]:
-    """Hold ``<work_dir>/.train.lock`` for the duration of a training run.
+def locked_work_dir(work_dir: str, lock_name: str = WORK_DIR_LOCK_NAME, what: str = 'work dir') -> Iterator[None]:
+    """Hold ``<work_dir>/<lock_name>`` (``.train.lock``) for the duration of a run (training; the slide tools
+    pass their own ``lock_name`` and ``what`` their folder is, for the messages).
 
     In a distributed run only global rank 0 takes the lock (the ranks of one run share the work dir, and
     ranks on other nodes may see it over a network file system); it tells every rank whether it got the
@@ -158,7 +159,7 @@ def locked_work_dir(work_dir: str) -> Iterator[None]:
     Call it after the process group is initialised.
     """
     rank, world_size = get_dist_info()
-    lock = RunLock(osp.join(work_dir, WORK_DIR_LOCK_NAME), target=f'work dir {work_dir}')
+    lock = RunLock(osp.join(work_dir, lock_name), target=f'{what} {work_dir}')
     error: Optional[BaseException] = None
     if rank == 0:
         try:
