@@ -44,7 +44,7 @@ from mmseg_sparsevit.models.sparse_vit import SparseViT
 
 from .dataset import TileDataset
 from .inference import SlideResult, peak_memory_gb, slide_stem
-from .parallel import SINGLE, Ranks, deal, resolve_split
+from .parallel import SINGLE, Ranks, deal, gathered_batches, resolve_split
 from .reader import SlideReadError, open_slide
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
@@ -206,51 +206,14 @@ def read_features_h5(path: str) -> Dict[str, Any]:
                     features_attrs=dict(f['features'].attrs))
 
 
-def _run_rounds(embedder: Callable, loader: DataLoader, num_rounds: int, batches_per_round: int,
-                ranks: Ranks, partial: Optional[PartialSlide], bar: Optional[tqdm],
-                on_round: Optional[Callable[[int], None]]) -> None:
-    """Embed this rank's tiles round by round; after each round rank 0 gathers every rank's and saves.
-
-    A failure on any rank is gathered too, so that every rank raises it together instead of waiting."""
-    batches = iter(loader)
-    for _ in range(num_rounds):
-        indices, features, error = [], [], None
-        try:
-            for _ in range(batches_per_round):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                index, tiles = batch
-                indices.append(index.numpy())
-                features.append(embedder(tiles))
-        except Exception as err:  # noqa: BLE001 - reaches every rank below
-            error = f'{type(err).__name__}: {err}'
-            print_log(traceback.format_exc(), logger='current', level=40)
-        share = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
-                 np.concatenate(features) if features else None, error)
-        gathered = ranks.all_gather(share)
-        errors = [e for _, _, e in gathered if e is not None]
-        if errors:
-            raise RuntimeError(f'tile embedding failed: {errors[0]}')
-        if partial is not None:
-            for got_indices, got_features, _ in gathered:
-                if len(got_indices):
-                    partial.add(got_indices, got_features)
-            partial.save()
-            if bar is not None:
-                bar.update(sum(len(i) for i, _, _ in gathered))
-            if on_round is not None:
-                on_round(int(partial.done.sum()))
-
-
 def embed_slide(embedder: Callable, path: str, out_dir: str, settings: EmbeddingSettings = EmbeddingSettings(),
                 ranks: Ranks = SINGLE, on_round: Optional[Callable[[int], None]] = None) -> SlideResult:
     """Embed one slide into ``out_dir/<stem>.h5`` (see the module docstring); skip it when that file exists.
 
     ``embedder`` is a :class:`TileEmbedder` or any callable with its attributes (``patch_size``, ``dim``,
     ``name``, ``attrs``). With several ``ranks`` every rank calls this for the slide and embeds its share of
-    the tiles; rank 0 writes. ``on_round(tiles_done)`` runs on rank 0 after each saved round (tests use it to
-    simulate a kill)."""
+    the tiles; rank 0 writes. ``on_round(tiles_done)`` runs on rank 0 after each save of the partial state (tests
+    use it to simulate a kill)."""
     stem = slide_stem(path)
     final = features_path(out_dir, stem)
     if osp.isfile(final):
@@ -280,15 +243,22 @@ def embed_slide(embedder: Callable, path: str, out_dir: str, settings: Embedding
     done = ranks.broadcast(None if partial is None else partial.done)
     todo = np.flatnonzero(~done)
     resumed = len(grid) - len(todo)
-    batches_per_round = max(1, -(-settings.checkpoint_every // (settings.batch_size * ranks.world_size)))
-    per_rank = -(-len(todo) // ranks.world_size)
-    num_rounds = -(-per_rank // (batches_per_round * settings.batch_size))
+    save_every = max(1, -(-settings.checkpoint_every // (settings.batch_size * ranks.world_size)))  # in rounds
     dataset = TileDataset(path, grid, settings.slide_mpp, deal(todo, ranks))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
     run_start = time.perf_counter()
     with tqdm(total=len(grid), initial=resumed, unit='tile', desc=stem, dynamic_ncols=True,
               disable=not (settings.progress and ranks.is_main)) as bar:
-        _run_rounds(embedder, loader, num_rounds, batches_per_round, ranks, partial, bar, on_round)
+        rounds = gathered_batches(embedder, loader, len(todo), settings.batch_size, ranks)
+        for number, gathered in enumerate(rounds, 1):
+            if gathered is None:
+                continue
+            partial.add(*gathered)
+            bar.update(len(gathered[0]))
+            if number % save_every == 0:
+                partial.save()
+                if on_round is not None:
+                    on_round(int(partial.done.sum()))
     dataset.close()
     run_time = time.perf_counter() - run_start
     if partial is None:
