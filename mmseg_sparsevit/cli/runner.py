@@ -8,7 +8,7 @@ import argparse
 import os
 import os.path as osp
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -20,13 +20,18 @@ from mmseg_sparsevit.datasets import get_antigen
 from mmseg_sparsevit.evaluation import RESULTS_FILENAME, save_results
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+# --amp choice -> AmpOptimWrapper dtype and loss scale: fp16 needs dynamic loss scaling against underflowing
+# gradients; bf16 has fp32's exponent range, so its scale stays 1 (a float loss_scale is a static scale).
+AMP_DTYPES = {'fp16': ('float16', 'dynamic'), 'bf16': ('bfloat16', 1.0)}
 
 
 def add_runner_arguments(parser: argparse.ArgumentParser, cfg_example: str) -> None:
     """The options the train and test entry points share: --work-dir, --amp, --cfg-options,
     --launcher and --local-rank (which ``torch.distributed.launch`` passes)."""
     parser.add_argument('--work-dir', help='logs, checkpoints and result files go here')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (fp16)')
+    parser.add_argument('--amp', nargs='?', const='fp16', choices=AMP_DTYPES,
+                        help='mixed precision: --amp alone is fp16 (dynamic loss scaling), --amp bf16 trains under '
+                             'bf16 autocast (no loss scaling; a test run uses fp16 either way)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help=f'override config keys, e.g. {cfg_example}')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none')
@@ -69,18 +74,24 @@ def load_config(config: str,
     return cfg
 
 
-def configure_training(cfg: Config, resume: Optional[str] = None, amp: bool = False) -> Config:
+def configure_training(cfg: Config, resume: Optional[str] = None, amp: Union[bool, str, None] = None) -> Config:
     """``resume``: None (fresh run), ``'auto'`` (latest intact checkpoint of the work dir, see
-    :func:`~mmseg_sparsevit.checkpoint.find_resumable_checkpoint`) or a path."""
+    :func:`~mmseg_sparsevit.checkpoint.find_resumable_checkpoint`) or a path. ``amp``: None / False (the config's
+    optimizer wrapper), True or ``'fp16'`` (fp16 autocast, dynamic loss scaling) or ``'bf16'`` (bf16 autocast,
+    loss scale 1), through mmengine's ``AmpOptimWrapper``."""
     if amp:
+        precision = 'fp16' if amp is True else amp
+        if precision not in AMP_DTYPES:
+            raise ValueError(f'amp must be one of {list(AMP_DTYPES)} (or True for fp16), got {amp!r}')
         optim_wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if optim_wrapper == 'AmpOptimWrapper':
-            print_log('AMP is already enabled in the config', logger='current')
+            print_log(f"AMP is already enabled in the config (dtype {cfg.optim_wrapper.get('dtype')}); "
+                      f'--amp {precision} leaves it as it is', logger='current')
         elif optim_wrapper != 'OptimWrapper':
             raise ValueError(f'--amp only replaces OptimWrapper, but the config uses {optim_wrapper}')
         else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+            dtype, loss_scale = AMP_DTYPES[precision]
+            cfg.optim_wrapper.update(type='AmpOptimWrapper', dtype=dtype, loss_scale=loss_scale)
     if resume == 'auto':  # the latest intact checkpoint; a damaged latest one is skipped, named in a warning
         work_dir = cfg.get('work_dir')
         cfg.resume, cfg.load_from = True, find_resumable_checkpoint(work_dir) if work_dir else None
