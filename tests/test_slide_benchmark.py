@@ -20,8 +20,10 @@ def test_worker_runs_the_pipeline_with_the_asked_vit(tmp_path):
     summaries = {}
     for name, attn_mode, tile in bench.modes:
         summaries[name] = _worker(dict(config=bench.config, cfg_options=cfg_options(bench, attn_mode), mpp=bench.mpp,
-                                       tile=tile, slide=slide, out_dir=str(tmp_path / name), threads=None))
+                                       tile=tile, batch_size=bench.batch_size(tile), slide=slide,
+                                       out_dir=str(tmp_path / name), threads=None))
     assert summaries['sparse']['tiles'] == 1 and summaries['dense']['tiles'] == 4
+    assert bench.batch_size(224) == 1 and bench.batch_size(112) == 4  # same pixels per forward
     assert summaries['sparse']['tissue_area_mm2'] == summaries['dense']['tissue_area_mm2'] == \
         pytest.approx((224 * 0.5) ** 2 * 1e-6, abs=1e-4)
     assert all(s['cpu_s'] > 0 for s in summaries.values())
@@ -29,10 +31,9 @@ def test_worker_runs_the_pipeline_with_the_asked_vit(tmp_path):
 
 
 def test_table_rates_are_relative_to_the_last_mode():
-    rows = [dict(mode='sparse', tile=1344, tiles=1, tissue_mm2=0.45, time_s=30.0, cpu_s=50.0, mm2_per_cpu_s=0.009,
-                 peak_rss_gb=3.0),
-            dict(mode='dense', tile=224, tiles=36, tissue_mm2=0.45, time_s=20.0, cpu_s=45.0, mm2_per_cpu_s=0.01,
-                 peak_rss_gb=1.5)]
+    common = dict(tissue_mm2=0.45, time_s=30.0, cpu_s=50.0)
+    rows = [dict(common, mode='sparse', tile=1344, batch=1, tiles=1, mm2_per_cpu_s=0.009, peak_rss_gb=3.0),
+            dict(common, mode='dense', tile=224, batch=36, tiles=36, mm2_per_cpu_s=0.01, peak_rss_gb=1.5)]
     table = format_rows(rows)
     assert '0.90x' in table.splitlines()[2] and '1.00x' in table.splitlines()[3]
     assert table.splitlines()[0].startswith('| mode')

@@ -4,8 +4,9 @@ Both modes run the whole pipeline (tiles read in a DataLoader worker, the segmen
 ``predict``, stitching, the four output files) over one synthetic slide that is tissue everywhere, so they
 segment the same area. Each mode runs in a fresh interpreter, so its peak memory is its own; both use the
 same ViT (width, depth, heads) inside the demo config's adapter and head, with random weights (speed does not
-depend on them). The figure of merit is tissue area per CPU-second (this process and its DataLoader worker,
-slide reading to files written; wall time is also reported but swings on a shared machine).
+depend on them), and the same pixels per forward (small tiles are batched). The figure of merit is tissue area
+per CPU-second (this process and its DataLoader worker, slide reading to files written; wall time is also
+reported but swings on a shared machine).
 """
 import argparse
 import json
@@ -37,6 +38,11 @@ class SlideBenchmark:
     modes: Tuple[Tuple[str, str, int], ...] = (('sparse', 'sparse', 1344), ('dense', 'dense', 224))
     threads: Optional[int] = None  # torch threads per run (None: torch's default)
 
+    def batch_size(self, tile: int) -> int:
+        """Tiles per forward so that every mode pushes the same pixels per forward (the largest tile's)."""
+        largest = max(t for _, _, t in self.modes)
+        return max(1, (largest // tile) ** 2)
+
     def __post_init__(self) -> None:
         for name, _, tile in self.modes:
             if self.side % tile:
@@ -61,7 +67,8 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec['threads']:
         torch.set_num_threads(spec['threads'])
     segmenter = build_segmenter(spec['config'], None, 'cpu', cfg_options=spec['cfg_options'])
-    settings = SlideSettings(mpp=spec['mpp'], tile_size=spec['tile'], overlap=0, batch_size=1, num_workers=1,
+    settings = SlideSettings(mpp=spec['mpp'], tile_size=spec['tile'], overlap=0, batch_size=spec['batch_size'],
+                             num_workers=1,
                              tissue=None, progress=False)
     before = _cpu_seconds()
     result = segment_slide(segmenter, spec['slide'], spec['out_dir'], settings)
@@ -78,7 +85,7 @@ def run_mode(bench: SlideBenchmark, name: str, attn_mode: str, tile: int, slide:
              ) -> Dict[str, Any]:
     """Run one mode in a fresh interpreter; its slide summary (time, area, peak memory)."""
     spec = dict(config=bench.config, cfg_options=cfg_options(bench, attn_mode), mpp=bench.mpp, tile=tile,
-                slide=slide, out_dir=osp.join(out_dir, name), threads=bench.threads)
+                batch_size=bench.batch_size(tile), slide=slide, out_dir=osp.join(out_dir, name), threads=bench.threads)
     code = ('import json, sys\nfrom mmseg_sparsevit.slide.benchmark import _worker\n'
             'print("SUMMARY " + json.dumps(_worker(json.loads(sys.argv[1]))))')
     env = dict(os.environ, PYTHONPATH=_PACKAGE_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -98,7 +105,8 @@ def run_benchmark(bench: SlideBenchmark, out_dir: str) -> List[Dict[str, Any]]:
     rows = []
     for name, attn_mode, tile in bench.modes:
         summary = run_mode(bench, name, attn_mode, tile, slide, out_dir)
-        rows.append(dict(mode=name, attention=attn_mode, tile=tile, tiles=summary['tiles'],
+        rows.append(dict(mode=name, attention=attn_mode, tile=tile, batch=bench.batch_size(tile),
+                         tiles=summary['tiles'],
                          tissue_mm2=summary['tissue_area_mm2'], time_s=summary['time_s'], cpu_s=summary['cpu_s'],
                          mm2_per_cpu_s=summary['tissue_area_mm2'] / summary['cpu_s'],
                          peak_rss_gb=summary['peak_memory']['cpu_rss_gb']))
@@ -108,12 +116,13 @@ def run_benchmark(bench: SlideBenchmark, out_dir: str) -> List[Dict[str, Any]]:
 def format_rows(rows: Sequence[Dict[str, Any]]) -> str:
     """Markdown table; area rates per CPU-second (robust on a shared machine), relative to the last mode."""
     base = rows[-1]['mm2_per_cpu_s']
-    header = ['mode', 'tile px', 'tiles', 'tissue mm²', 'wall s', 'CPU s', 'tissue mm² per CPU-s', 'vs last',
-              'peak RSS GB']
-    body = [[r['mode'], r['tile'], r['tiles'], f"{r['tissue_mm2']:.3f}", f"{r['time_s']:.1f}", f"{r['cpu_s']:.1f}",
-             f"{r['mm2_per_cpu_s']:.4f}", f"{r['mm2_per_cpu_s'] / base:.2f}x", f"{r['peak_rss_gb']:.2f}"]
+    header = ['mode', 'tile px', 'batch', 'tiles', 'tissue mm²', 'wall s', 'CPU s', 'tissue mm² per CPU-s',
+              'vs last', 'peak RSS GB']
+    body = [[r['mode'], r['tile'], r['batch'], r['tiles'], f"{r['tissue_mm2']:.3f}", f"{r['time_s']:.1f}",
+             f"{r['cpu_s']:.1f}", f"{r['mm2_per_cpu_s']:.4f}", f"{r['mm2_per_cpu_s'] / base:.2f}x",
+             f"{r['peak_rss_gb']:.2f}"]
             for r in rows]
-    return markdown_table(header, body, align=['left'] + ['right'] * 8)
+    return markdown_table(header, body, align=['left'] + ['right'] * 9)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
