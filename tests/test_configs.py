@@ -28,7 +28,8 @@ DEMOS = sorted((CONFIGS / 'demo').glob('*.py'))
 NAME = re.compile(r'^mask2former_(?P<backbone>[\w-]+)-adapter_\d+xb\d+-\d+k?_segpath-'
                   r'(?P<data>\w+)-(?P<res>\d+)x(?P=res)\.py$')
 BACKBONE = re.compile(rf"^(?P<arch>{'|'.join(map(re.escape, make_configs.BACKBONES))})-"
-                      r'(dense|sparse-w(?P<window>\d+))$')
+                      r'(dense|sparse-w(?P<window>\d+))'
+                      rf'(?P<levers>-{re.escape(make_configs.LEVERS_TAG)})?$')
 OTHER_BACKBONES = sorted(set(make_configs.BACKBONES) - {'uni2-h'})
 
 
@@ -37,14 +38,17 @@ def rel(path: Path) -> str:
 
 
 def test_the_experiment_grid_is_complete():
-    """8 antigens x (UNI-2-h: 5 resolutions x dense/sparse + windows 2/16/64 at 560; Virchow2 and H-optimus-0:
-    dense/sparse at 448), plus the demos."""
+    """8 antigens x (UNI-2-h: 5 resolutions x dense/sparse + windows 2/16/64 at 560 + sparse-w8 with the memory
+    levers at 896/1120/1344; Virchow2 and H-optimus-0: dense/sparse at 448), plus the demos."""
     assert OTHER_BACKBONES == ['h-optimus-0', 'virchow2']
-    assert len(LEAVES) == 8 * (5 * 2 + 3 + 2 * 2)
+    assert len(LEAVES) == 8 * (5 * 2 + 3 + 2 * 2 + 3)
     assert {p.parent.name for p in LEAVES} == set(SEGPATH_ANTIGENS)
     assert len(DEMOS) == 2
-    # one per resolution, one per backbone variant (UNI-2-h dense, w2/8/16/64; the others dense, w8)
-    assert len(SEGPATH_BASES) == 5 + 5 + 2 * 2
+    # one per resolution, one per backbone variant (UNI-2-h dense, w2/8/16/64, w8-cp-bf16; the others dense, w8)
+    assert len(SEGPATH_BASES) == 8 + 6 + 2 * 2
+    levers = sorted(p.name for p in LEAVES if make_configs.LEVERS_TAG in p.name and p.parent.name == 'ERG')
+    assert levers == [f'mask2former_uni2-h-sparse-w8-cp-bf16-adapter_1xb4-20k_segpath-ERG-{r}x{r}.py'
+                      for r in (1120, 1344, 896)]
 
 
 def test_leaves_are_what_the_generator_writes():
@@ -90,10 +94,17 @@ def test_config_loads_and_names_its_settings(path):
         else:
             assert (vit.attn_mode, vit.window_size) == ('sparse', int(backbone['window']))
         assert cfg.segpath_tag == f"{match['backbone']}-{res}"
+        # The memory levers are on exactly in the -cp-bf16 configs: checkpointing and bf16 autocast.
+        levers = backbone['levers'] is not None
+        assert (cfg.model.backbone.with_cp, vit.get('with_cp', False)) == (levers, levers)
+        wrapper = cfg.optim_wrapper
+        assert (wrapper.type, wrapper.get('dtype'), wrapper.get('loss_scale')) == (
+            ('AmpOptimWrapper', 'bfloat16', 1.0) if levers else ('OptimWrapper', None, None))
+        assert wrapper.optimizer.type == 'AdamW'  # the schedule's optimizer is kept
         # Everything else comes from configs/segpath/_base_/ (one backbone file, one resolution file).
         assigned = {t.id for node in ast.parse(path.read_text()).body for t in node.targets}
         assert assigned == {'_base_', 'antigen', 'segpath_tag', 'train_dataloader', 'val_dataloader',
-                            'test_dataloader'}
+                            'test_dataloader'} | ({'optim_wrapper'} if levers else set())
         assert cfg.antigen == antigen
 
 
