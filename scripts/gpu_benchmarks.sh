@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU run for a session that is lent a device: the CUDA op tests, then the op and UNI-2
-# backbone benchmarks next to the paper's table 1. Needs torch, timm and mmengine (+ pytest); the
-# OpenMMLab stack is not needed for these (see README, "Without MMSegmentation").
-#   usage: OUT=results_dir scripts/gpu_benchmarks.sh      (about 10 min on one H200)
+# backbone benchmarks next to the paper's table 1, and UNI-2 segmentor train steps next to its table 4.
+# The op and backbone parts need torch, timm and mmengine (+ pytest); the segmentor part needs the OpenMMLab
+# stack (mmcv with its CUDA ops, mmseg, mmdet; see README).
+#   usage: OUT=results_dir scripts/gpu_benchmarks.sh      (about 15 min on one H200)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,4 +25,19 @@ run "$PY" tools/benchmark_backbone.py --arch uni2-h --device cuda --precision am
 # Largest input that fits in 80 GB per mode (the paper: dense 1400 px, sparse + pruning 3430 px).
 run "$PY" tools/benchmark_backbone.py --arch uni2-h --device cuda --precision amp-bf16 --repeats 1 --warmup 1 \
     --sizes 1344 --modes vanilla sparse+prune --max-memory 80 --search-max-size 3500 --out-dir "$OUT/uni2_max"
+# Full UNI-2 segmentor (SegPath config, adapter + Mask2Former), one train step at batch 1: dense vs sparse vs sparse
+# with the memory levers (checkpointing of ViT blocks and adapter interactions, bf16 AmpOptimWrapper), next to
+# the paper's table 4 (A100 80 GB, batch not stated; training memory at 560 px).
+SEGPATH_CFG=configs/segpath/panCK/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-panCK-560x560.py
+run "$PY" tools/benchmark_segmentor.py "$SEGPATH_CFG" --device cuda --sizes 560 1120 --phases train \
+    --settings dense sparse sparse:vit-cp,adapter-cp,bf16 --warmup 1 --repeats 2 --out-dir "$OUT/uni2_segmentor"
+mkdir -p "$OUT/uni2_segmentor"
+cat > "$OUT/uni2_segmentor/paper_table4.md" <<'TABLE'
+Paper, table 4 (UNI-2 + ViT-Adapter + Mask2Former, A100 80 GB, training memory):
+
+| px | dense (GB) | sparse w8 (GB) |
+| --- | --- | --- |
+| 560 | 60.03 | 52.55 |
+TABLE
+[ -f "$OUT/uni2_segmentor/segmentor.md" ] && cat "$OUT/uni2_segmentor/paper_table4.md" "$OUT/uni2_segmentor/segmentor.md"
 exit $status
