@@ -22,7 +22,6 @@ from mmseg_sparsevit.slide import open_slide, write_pyramidal_tiff
 from mmseg_sparsevit.slide.demo import GLASS, make_demo_slide
 from mmseg_sparsevit.slide.features import (LOCK_NAME, EmbeddingSettings, build_embedder, embed_slide, embed_slides,
                                             partial_path, read_features_h5)
-from mmseg_sparsevit.slide.parallel import Ranks, deal, resolve_split
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'extract_slide_features.py'
@@ -172,13 +171,6 @@ def test_tile_size_must_be_a_multiple_of_the_patch(slides, tmp_path):
     with pytest.raises(ValueError, match='tile size 60 is not a multiple of the model\'s patch size 8'):
         embed_slides(MeanEmbedder(), [str(slides / 'b.tiff')], str(tmp_path),
                      EmbeddingSettings(**{**SETTINGS.__dict__, 'tile_size': 60}))
-
-
-def test_work_is_dealt_round_robin():
-    assert [deal(range(7), Ranks(r, 3)) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
-    assert resolve_split('auto', 3, Ranks(0, 2)) == 'tiles' and resolve_split('auto', 8, Ranks(0, 2)) == 'slides'
-    with pytest.raises(ValueError, match="split must be one of"):
-        resolve_split('rows', 3, Ranks(0, 2))
 
 
 def assert_same_h5(a, b) -> None:

@@ -9,6 +9,7 @@ Examples::
     python tools/infer_slide.py CONFIG CKPT slides/ --out-dir work_dirs/slides
     python tools/infer_slide.py CONFIG CKPT a.svs b.ndpi --out-dir out --tile-size 1344 --overlap 112 --device cuda
     python tools/infer_slide.py CONFIG CKPT scan.png --out-dir out --slide-mpp 0.25   # no µm/px in the file
+    torchrun --nproc_per_node 4 tools/infer_slide.py CONFIG CKPT slides/ --out-dir out --device cuda  # 4 GPUs
 """
 import argparse
 import sys
@@ -19,6 +20,7 @@ from mmengine.logging import print_log
 
 from mmseg_sparsevit.slide import TissueSettings, list_slides
 from mmseg_sparsevit.slide.inference import SlideSettings, build_segmenter, result_table, segment_slides
+from mmseg_sparsevit.slide.parallel import SPLITS, init_ranks, rank_device
 
 DEFAULTS = SlideSettings()
 
@@ -38,7 +40,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='overlap of neighbouring tiles in px, blended (default: %(default)s)')
     parser.add_argument('--batch-size', type=int, default=DEFAULTS.batch_size, help='tiles per forward')
     parser.add_argument('--workers', type=int, default=DEFAULTS.num_workers, help='DataLoader workers reading tiles')
-    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--device', default='cpu',
+                        help="'cpu', 'cuda' (under torchrun: each process its GPU) or 'cuda:N'")
+    parser.add_argument('--split', choices=SPLITS, default='auto',
+                        help='torchrun: whole slides per process, the tiles of each slide, or auto (default)')
     parser.add_argument('--no-amp', action='store_true', help='run CUDA in fp32 (CPU always does)')
     parser.add_argument('--min-tissue', type=float, default=DEFAULTS.min_tissue,
                         help='keep tiles whose tissue share exceeds this (default: any tissue)')
@@ -66,11 +71,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         tissue=None if args.no_tissue_detection else TissueSettings(mpp=args.tissue_mpp),
         min_tissue=args.min_tissue, window=args.window,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    segmenter = build_segmenter(args.config, args.checkpoint, args.device, amp=settings.amp,
-                                cfg_options=args.cfg_options)
-    results = segment_slides(segmenter, slides, args.out_dir, settings)
-    print(result_table(results))
-    print(f'outputs in {args.out_dir} (slides.json lists every slide)')
+    ranks = init_ranks(args.device)
+    try:
+        segmenter = build_segmenter(args.config, args.checkpoint, rank_device(args.device), amp=settings.amp,
+                                    cfg_options=args.cfg_options)
+        results = segment_slides(segmenter, slides, args.out_dir, settings, ranks, args.split)
+    finally:
+        ranks.close()
+    if ranks.is_main:
+        print(result_table(results))
+        print(f'outputs in {args.out_dir} (slides.json lists every slide)')
     return 1 if any(r.status == 'failed' for r in results) else 0
 
 

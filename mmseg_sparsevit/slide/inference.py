@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .dataset import TileDataset
+from .parallel import SINGLE, Ranks, deal, gathered_batches, resolve_split
 from .reader import SlideReadError, open_slide
 from .stitching import Block, Stitcher
 from .tiling import TileGrid, check_tile_size, plan_tiles
@@ -231,12 +232,13 @@ def target_mpp(segmenter: Callable, settings: SlideSettings) -> float:
 
 
 def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideSettings = SlideSettings(),
-                  on_batch: Optional[Callable[[int], None]] = None) -> SlideResult:
+                  on_batch: Optional[Callable[[int], None]] = None, ranks: Ranks = SINGLE) -> SlideResult:
     """Segment one slide into ``out_dir`` (see the module docstring); skip it when its summary exists.
 
     ``segmenter`` is a :class:`TileSegmenter` or any callable with the same attributes (``num_classes``,
     ``classes``, ``palette``, ``patch_size``, ``mpp``, ``name``). ``on_batch(tiles_done)`` is called after
-    each batch (tests use it to simulate a kill)."""
+    each batch (tests use it to simulate a kill). With several ``ranks`` (torchrun) every rank calls this for
+    the slide and segments its share of the tiles; rank 0 stitches them in tile order and writes."""
     stem = slide_stem(path)
     outputs = output_paths(out_dir, stem)
     if osp.isfile(outputs['summary']):
@@ -255,39 +257,48 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
                           vendor=getattr(reader, 'vendor', 'image'), slide_size=list(reader.dimensions),
                           slide_mpp=list(reader.mpp), levels=len(reader.level_dimensions))
         slide_mpp = reader.mpp
-        view = reader.thumbnail(mpp, max_side=settings.overlay_max_side) if len(grid) else None
+        view = reader.thumbnail(mpp, max_side=settings.overlay_max_side) if len(grid) and ranks.is_main else None
     summary = dict(status='done', **slide_info, mpp=mpp, canvas_size=list(grid.canvas_size),
                    tile_size=grid.tile_size, overlap=grid.overlap, tiles=len(grid),
                    tissue_area_mm2=round(tissue_mm2, 4), model=segmenter.name)
     os.makedirs(out_dir, exist_ok=True)
     if len(grid) == 0:
         summary.update(status='no_tissue', time_s=round(time.perf_counter() - start, 2))
-        write_json(outputs['summary'], summary)
+        if ranks.is_main:
+            write_json(outputs['summary'], summary)
         return SlideResult(path, 'no_tissue', 'no tissue found: nothing to segment', {'summary': outputs['summary']},
                            summary)
 
-    partial = PartialRun(osp.join(out_dir, f'{stem}.partial'), grid, _fingerprint(path, grid, settings, segmenter))
-    stitcher = Stitcher(grid, segmenter.num_classes, partial.write_block, settings.window)
-    partial.restore(stitcher)
-    todo = np.flatnonzero(~stitcher.added)
+    partial = stitcher = None
+    if ranks.is_main:
+        partial = PartialRun(osp.join(out_dir, f'{stem}.partial'), grid,
+                             _fingerprint(path, grid, settings, segmenter))
+        stitcher = Stitcher(grid, segmenter.num_classes, partial.write_block, settings.window)
+        partial.restore(stitcher)
+    todo = np.flatnonzero(~ranks.broadcast(None if stitcher is None else stitcher.added))
     resumed_tiles = len(grid) - len(todo)
-    dataset = TileDataset(path, grid, settings.slide_mpp, todo)
+    dataset = TileDataset(path, grid, settings.slide_mpp, deal(todo, ranks))
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
-    save_every = max(1, -(-settings.checkpoint_every // settings.batch_size))  # in batches
+    save_every = max(1, -(-settings.checkpoint_every // (settings.batch_size * ranks.world_size)))  # in rounds
     run_start = time.perf_counter()
-    with tqdm(total=len(grid), initial=resumed_tiles, unit='tile', desc=stem, disable=not settings.progress,
-              dynamic_ncols=True) as bar:
-        for batch, (indices, tiles) in enumerate(loader, 1):
-            scores = segmenter(tiles)
-            for index, tile_scores in zip(indices.tolist(), scores):
+    with tqdm(total=len(grid), initial=resumed_tiles, unit='tile', desc=stem, dynamic_ncols=True,
+              disable=not (settings.progress and ranks.is_main)) as bar:
+        # one batch per rank per round, gathered on rank 0 in tile order (a single process: each batch as is)
+        rounds = gathered_batches(segmenter, loader, len(todo), settings.batch_size, ranks)
+        for batch, gathered in enumerate(rounds, 1):
+            if gathered is None:
+                continue
+            for index, tile_scores in zip(gathered[0].tolist(), gathered[1]):
                 stitcher.add(index, tile_scores)
-            bar.update(len(indices))
+            bar.update(len(gathered[0]))
             if batch % save_every == 0:
                 partial.save(stitcher)
             if on_batch is not None:
                 on_batch(int(stitcher.added.sum()))
     dataset.close()
     run_time = time.perf_counter() - run_start
+    if not ranks.is_main:
+        return SlideResult(path, 'done', f'{len(grid)} tiles (written by rank 0)', outputs, summary)
     assert stitcher.finished, 'every tile was added, so every block was written'
 
     class_map = partial.class_map
@@ -308,37 +319,53 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
         time_s=round(time.perf_counter() - start, 2),
         tiles_per_s=round(new_tiles / run_time, 3) if run_time > 0 else None,
         tissue_mm2_per_s=round(tissue_mm2 * new_tiles / len(grid) / run_time, 4) if run_time > 0 else None,
-        peak_memory=peak_memory_gb(), outputs={k: osp.basename(v) for k, v in outputs.items() if k != 'summary'})
+        peak_memory=peak_memory_gb(), processes=ranks.world_size, outputs={k: osp.basename(v) for k, v in outputs.items() if k != 'summary'})
     write_json(outputs['summary'], summary)
     partial.remove()
     return SlideResult(path, 'done', f'{len(grid)} tiles', outputs, summary)
 
 
+def _segment_reported(segmenter: Callable, path: str, out_dir: str, settings: SlideSettings, ranks: Ranks,
+                      label: str) -> SlideResult:
+    """:func:`segment_slide`, with an unreadable or failing slide turned into a 'failed' result."""
+    print_log(f'{label} {path}', logger='current')
+    try:
+        result = segment_slide(segmenter, path, out_dir, settings, ranks=ranks)
+    except SlideReadError as err:
+        result = SlideResult(path, 'failed', str(err))
+    except Exception as err:  # one bad slide must not stop a batch of hundreds; the report names it
+        result = SlideResult(path, 'failed', f'{type(err).__name__}: {err}')
+        print_log(traceback.format_exc(), logger='current', level=40)
+    level = 40 if result.status == 'failed' else 20
+    print_log(f'{path}: {result.status}' + (f' ({result.message})' if result.message else ''),
+              logger='current', level=level)
+    return result
+
+
 def segment_slides(segmenter: Callable, paths: Sequence[str], out_dir: str,
-                   settings: SlideSettings = SlideSettings()) -> List[SlideResult]:
+                   settings: SlideSettings = SlideSettings(), ranks: Ranks = SINGLE,
+                   split: str = 'auto') -> List[SlideResult]:
     """Segment each slide; a slide that cannot be read or fails is reported and the batch goes on.
 
-    Also writes ``out_dir/slides.json`` listing every slide's status."""
+    Also writes ``out_dir/slides.json`` listing every slide's status. Several ``ranks`` (torchrun) share whole
+    slides or the tiles of each slide (``split``, see :mod:`.parallel`) and write what one process writes."""
     stems = [slide_stem(p) for p in paths]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise ValueError(f'slides share output names (same file name in different folders): {clashes}')
     target_mpp(segmenter, settings)
-    results = []
-    for number, path in enumerate(paths, 1):
-        print_log(f'[{number}/{len(paths)}] {path}', logger='current')
-        try:
-            result = segment_slide(segmenter, path, out_dir, settings)
-        except SlideReadError as err:
-            result = SlideResult(path, 'failed', str(err))
-        except Exception as err:  # one bad slide must not stop a batch of hundreds; the report names it
-            result = SlideResult(path, 'failed', f'{type(err).__name__}: {err}')
-            print_log(traceback.format_exc(), logger='current', level=40)
-        level = 40 if result.status == 'failed' else 20
-        print_log(f'{path}: {result.status}' + (f' ({result.message})' if result.message else ''),
-                  logger='current', level=level)
-        results.append(result)
-    write_json(osp.join(out_dir, 'slides.json'), [asdict(r) for r in results])
+    if resolve_split(split, len(paths), ranks) == 'slides' and ranks.world_size > 1:
+        mine = [(i, _segment_reported(segmenter, p, out_dir, settings, SINGLE,
+                                      f'[rank {ranks.rank}: {i + 1}/{len(paths)}]'))
+                for i, p in deal(list(enumerate(paths)), ranks)]
+        results = [r for _, r in sorted(sum(ranks.all_gather(mine), []), key=lambda item: item[0])]
+    else:
+        results = [_segment_reported(segmenter, p, out_dir, settings, ranks, f'[{i}/{len(paths)}]')
+                   for i, p in enumerate(paths, 1)]
+        results = ranks.broadcast(results)  # rank 0's view: it wrote the outputs
+    if ranks.is_main:
+        write_json(osp.join(out_dir, 'slides.json'), [asdict(r) for r in results])
+    ranks.barrier()
     return results
 
 
