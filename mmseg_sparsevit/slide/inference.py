@@ -319,7 +319,8 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
         time_s=round(time.perf_counter() - start, 2),
         tiles_per_s=round(new_tiles / run_time, 3) if run_time > 0 else None,
         tissue_mm2_per_s=round(tissue_mm2 * new_tiles / len(grid) / run_time, 4) if run_time > 0 else None,
-        peak_memory=peak_memory_gb(), processes=ranks.world_size, outputs={k: osp.basename(v) for k, v in outputs.items() if k != 'summary'})
+        peak_memory=peak_memory_gb(), processes=ranks.world_size,
+        outputs={k: osp.basename(v) for k, v in outputs.items() if k != 'summary'})
     write_json(outputs['summary'], summary)
     partial.remove()
     return SlideResult(path, 'done', f'{len(grid)} tiles', outputs, summary)
