@@ -20,8 +20,9 @@ from PIL import Image
 Size = Tuple[int, int]  # (width, height), OpenSlide's order
 # Plain images read whole into memory through PIL / tifffile (OpenSlide does not open them).
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
-# Extensions of the formats OpenSlide reads (https://openslide.org/formats/), for folder listings.
-SLIDE_SUFFIXES = ('.svs', '.ndpi', '.mrxs', '.scn', '.vms', '.vmu', '.bif', '.svslide', '.tif', '.tiff', '.dcm')
+# Extensions of the formats OpenSlide reads (https://openslide.org/formats/), for folder listings. DICOM is left
+# out: a DICOM slide is a folder of .dcm files, any one of which opens it (name that file).
+SLIDE_SUFFIXES = ('.svs', '.ndpi', '.mrxs', '.scn', '.vms', '.vmu', '.bif', '.svslide', '.tif', '.tiff')
 # A level whose downsample exceeds the wanted one by less than this still counts as fine enough (OpenSlide
 # reports 15.86 for a 16x level of a side that is not a multiple of 16).
 _LEVEL_TOLERANCE = 0.02
