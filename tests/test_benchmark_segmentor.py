@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmseg_sparsevit.benchmark.segmentor import (OWNERS, PARTS, LiveTensorBytes, SegmentorPoint, Setting, run_point,
-                                                 segmentor_markdown)
+from mmseg_sparsevit.engine.segmentor_benchmark import (OWNERS, PARTS, LiveTensorBytes, SegmentorPoint, Setting,
+                                                        run_point, segmentor_markdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / 'configs/demo/mask2former_tiny-dense-adapter_1xb4-300_segpath-demo-112x112.py')

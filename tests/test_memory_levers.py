@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmseg_sparsevit.benchmark.segmentor import SegmentorPoint, build_config, synthetic_batch
+from mmseg_sparsevit.engine.segmentor_benchmark import SegmentorPoint, build_config, synthetic_batch
 from mmseg_sparsevit.cli.runner import add_runner_arguments, configure_training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
 """Train-step and inference time and peak memory of a full segmentor from any config, per input side and
 setting (attention mode + memory levers), with the memory broken down by part; one fresh process per point.
 
-Settings are ``MODE[:LEVER,...]`` (``mmseg_sparsevit.benchmark.segmentor``: modes dense / sparse / vanilla, levers
-vit-cp, adapter-cp, freeze-vit, bf16, fp16), all measured side by side in one run. Writes ``segmentor.json``,
+Settings are ``MODE[:LEVER,...]`` (``mmseg_sparsevit.engine.segmentor_benchmark``: modes dense / sparse /
+vanilla, levers vit-cp, adapter-cp, freeze-vit, bf16, fp16), all measured side by side in one run. Writes ``segmentor.json``,
 ``segmentor.md`` and ``segmentor.png`` to ``--out-dir``.
 
 Example (CPU proxy of the SegPath UNI-2 config: ViT-B width, depth 4, BN)::
@@ -23,8 +23,8 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 from mmseg_sparsevit.benchmark import machine_info
-from mmseg_sparsevit.benchmark.segmentor import (PHASES, SegmentorPoint, Setting, measure_segmentor_point,
-                                                 write_segmentor_reports)
+from mmseg_sparsevit.engine.segmentor_benchmark import (PHASES, SegmentorPoint, Setting, measure_segmentor_point,
+                                                        write_segmentor_reports)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

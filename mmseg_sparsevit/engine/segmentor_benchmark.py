@@ -9,7 +9,7 @@ or ``infer`` (``model.test_step`` without gradients).
 Two memory figures per point:
 
 * the headline peak: on CUDA ``max_memory_allocated`` over the timed steps; on CPU the process' resident set size
-  sampled during the timed steps (:class:`.process.RssSampler`), reported absolute (``peak_gb``) and above the
+  sampled during the steps (``benchmark.process.RssSampler``), reported absolute (``peak_gb``) and above the
   RSS just before the first step (``step_gb``: activations, gradients, optimizer state and allocator slack);
 * the breakdown, from one extra step under :class:`LiveTensorBytes`: every storage an ATen op allocates during
   the step is counted until it is freed, and owned by the part whose module (or the head's ``loss_by_feat``)
@@ -21,7 +21,9 @@ Two memory figures per point:
   (gradients, and activations recomputed by checkpointing) or ``optimizer``. In an inference step every
   allocation is a forward one.
 
-Run as ``python -m mmseg_sparsevit.benchmark.segmentor SPEC_JSON`` it measures one point and prints the record.
+It lives beside the runner pieces, not in the torch-level ``benchmark`` package, because it builds mmseg models;
+it reuses that package's fresh-process runner and RSS sampler. Run as
+``python -m mmseg_sparsevit.engine.segmentor_benchmark SPEC_JSON`` it measures one point and prints the record.
 """
 import copy
 import fnmatch
@@ -45,7 +47,7 @@ from torch.utils._pytree import tree_leaves
 from mmseg_sparsevit.models.modes import check_mode, mode_kwargs
 from mmseg_sparsevit.utils.markdown import markdown_table
 
-from .process import RssSampler, current_rss_bytes, max_rss_bytes, run_worker
+from mmseg_sparsevit.benchmark.process import RssSampler, current_rss_bytes, max_rss_bytes, run_worker
 
 GB = 1024 ** 3
 PHASES = ('train', 'infer')
@@ -369,9 +371,9 @@ def tracked_step(model: nn.Module, optim_wrapper: Any, step: Callable[[], None])
 
 
 def measure_segmentor_point(point: SegmentorPoint, timeout_s: float = 1800.0) -> Dict[str, Any]:
-    """:func:`run_point` in a fresh interpreter (:func:`.process.run_worker`); a crash, out-of-memory kill or
+    """:func:`run_point` in a fresh interpreter (``benchmark.process.run_worker``); a crash, out-of-memory kill or
     timeout becomes a record with ``status`` ``error`` / ``timeout`` naming the worker's last line."""
-    run = run_worker('mmseg_sparsevit.benchmark.segmentor', asdict(point), timeout_s)
+    run = run_worker('mmseg_sparsevit.engine.segmentor_benchmark', asdict(point), timeout_s)
     base = dict(setting=point.setting, size=point.size, phase=point.phase)
     if run.returncode is None:
         return dict(base, status='timeout', error=run.tail)
@@ -421,8 +423,9 @@ def plot_segmentor(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     phases = [p for p in PHASES if any(r['phase'] == p for r in records)] or ['train']
     fig, axes = plt.subplots(len(phases), 3, figsize=(15, 4 * len(phases)), squeeze=False)
     for row, phase in zip(axes, phases):
-        for ax, (key, title) in zip(row, (('peak_gb', 'peak memory (GB)'), ('tensor_peak_gb', 'live tensors at peak (GB)'),
-                                          ('time_s', 'time per step (s)'))):
+        panels = (('peak_gb', 'peak memory (GB)'), ('tensor_peak_gb', 'live tensors at peak (GB)'),
+                  ('time_s', 'time per step (s)'))
+        for ax, (key, title) in zip(row, panels):
             for setting in dict.fromkeys(r['setting'] for r in records):
                 pts = sorted((r['size'], r[key]) for r in records if r['setting'] == setting and r['phase'] == phase
                              and r.get('status') == 'ok' and key in r)
