@@ -93,3 +93,21 @@ def test_bf16_amp_optim_wrapper_trains_on_cuda():
     assert wrapper.cast_dtype == torch.bfloat16
     log = model.train_step(synthetic_batch(112, 1, 2), wrapper)
     assert torch.isfinite(log['loss'])
+
+
+def test_narrow_adapter_outputs_have_out_channels_and_shrink_the_adapter_part():
+    from mmseg_sparsevit.engine.segmentor_benchmark import run_point
+    default = build_demo()
+    assert default.backbone.level_projs is None and default.backbone.vit_projs is None  # ViT-Adapter unchanged
+    options = {'model.backbone.out_channels': 32, 'model.decode_head.in_channels': [32] * 4}
+    narrow = build_demo(**options).backbone.train()
+    outs = narrow(torch.randn(1, 3, 112, 140))
+    assert [tuple(o.shape[1:]) for o in outs] == [(32, 28, 35), (32, 14, 18), (32, 7, 9), (32, 4, 5)]
+    sum(o.square().mean() for o in outs).backward()
+    assert all(p.grad is not None for n, p in narrow.named_parameters() if 'projs' in n or n.startswith('up.'))
+    records = [run_point(SegmentorPoint(DEMO, 'sparse', 112, 'train', opts, warmup=0, repeats=1, threads=2))
+               for opts in ({}, options)]
+    plain, small = (r['parts_at_forward_end_gb'] for r in records)
+    assert small['adapter_out'] < plain['adapter_out']
+    assert records[1]['tensor_forward_end_gb'] < records[0]['tensor_forward_end_gb']
+    assert small['vit'] == plain['vit']  # the ViT and its sequence are untouched

@@ -3,7 +3,7 @@ setting (attention mode + memory levers), with the memory broken down by part; o
 
 Settings are ``MODE[:LEVER,...]`` (``mmseg_sparsevit.engine.segmentor_benchmark``: modes dense / sparse /
 vanilla, levers vit-cp, adapter-cp, freeze-vit, bf16, fp16), all measured side by side in one run. Writes ``segmentor.json``,
-``segmentor.md`` and ``segmentor.png`` to ``--out-dir``.
+``segmentor.md`` and ``segmentor.png`` to ``--out-dir``, rewritten after every point.
 
 Example (CPU proxy of the SegPath UNI-2 config: ViT-B width, depth 4, BN)::
 
@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                           if record['status'] == 'ok' else record.get('error', ''))
                 print_log(f'{phase:>5} {size:>5} px {setting:>24}: {record["status"]} {detail}', logger='current')
                 records.append(record)
-    paths = write_segmentor_reports(args.out_dir, records, header)
+                paths = write_segmentor_reports(args.out_dir, records, header)  # an interrupted run keeps its points
     print_log(f"wrote {', '.join(str(p) for p in paths.values())}", logger='current')
     return dict(header, records=records, paths=paths)
 

@@ -57,7 +57,7 @@ PART_MODULES: Dict[str, Tuple[str, ...]] = {
     'spm': ('backbone.spm',),
     'injectors': ('backbone.interactions.*.injector',),
     'extractors': ('backbone.interactions.*.extractors.*',),
-    'adapter_out': ('backbone.up', 'backbone.out_norms.*', 'backbone.out_projs.*', 'backbone.vit_projs.*'),
+    'adapter_out': ('backbone.up', 'backbone.out_norms.*', 'backbone.level_projs.*', 'backbone.vit_projs.*'),
     'pixel_decoder': ('decode_head.pixel_decoder',),
     'loss': ('decode_head.loss_*',),
     'transformer_decoder': ('decode_head.*',),
@@ -69,6 +69,8 @@ LEVERS: Dict[str, Dict[str, Any]] = {
     'vit-cp': {'model.backbone.vit_cfg.with_cp': True},  # recompute each ViT block in the backward pass
     'adapter-cp': {'model.backbone.with_cp': True},  # recompute each interaction (injector, blocks, extractors)
     'freeze-vit': {'model.backbone.freeze_vit': True},  # no ViT gradients / optimizer state (changes training)
+    # 256-wide adapter outputs (Mask2Former's width) instead of embed_dim: changes the model (SparseViTAdapter docs)
+    'narrow': {'model.backbone.out_channels': 256, 'model.decode_head.in_channels': [256] * 4},
     'bf16': {},  # bf16 autocast (AmpOptimWrapper dtype bfloat16 on CUDA)
     'fp16': {},  # fp16 autocast with dynamic loss scaling (AmpOptimWrapper on CUDA)
 }

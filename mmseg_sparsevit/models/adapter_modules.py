@@ -73,12 +73,13 @@ def _attend(attn: MultiScaleDeformableAttention, query: torch.Tensor, value: tor
 class SpatialPriorModule(nn.Module):
     """Conv stem + three stride-2 stages giving c1 (1/4) and c2..c4 (1/8, 1/16, 1/32).
 
-    Every level is projected to ``embed_dim`` by a 1x1 conv. Sizes follow the convolutions
-    (``ceil`` of the stride), so inputs need not be multiples of 32.
+    Every level is projected to ``embed_dim`` by a 1x1 conv (c1, which only reaches the output, to
+    ``c1_channels`` if given). Sizes follow the convolutions (``ceil`` of the stride), so inputs need not be
+    multiples of 32.
     """
 
     def __init__(self, inplanes: int = 64, embed_dim: int = 768,
-                 norm_cfg: Optional[Dict] = None) -> None:
+                 norm_cfg: Optional[Dict] = None, c1_channels: Optional[int] = None) -> None:
         super().__init__()
         norm_cfg = norm_cfg or dict(type='BN')
 
@@ -90,7 +91,8 @@ class SpatialPriorModule(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         widths = (inplanes, 2 * inplanes, 4 * inplanes, 4 * inplanes)
         self.stages = nn.ModuleList(conv(c_in, c_out, 2) for c_in, c_out in zip(widths, widths[1:]))
-        self.projs = nn.ModuleList(nn.Conv2d(c, embed_dim, kernel_size=1) for c in widths)
+        outs = (c1_channels or embed_dim,) + (embed_dim,) * 3
+        self.projs = nn.ModuleList(nn.Conv2d(c, out, kernel_size=1) for c, out in zip(widths, outs))
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         feats = [self.stem(x)]

@@ -69,7 +69,7 @@ def _reject_vit_options(vit_cfg: Dict) -> None:
 
 @MODELS.register_module()
 class SparseViTAdapter(BaseModule):
-    """SparseViT + ViT-Adapter returning four ``embed_dim``-wide maps at strides 4, 8, 16, 32.
+    """SparseViT + ViT-Adapter returning four maps at strides 4, 8, 16, 32, ``embed_dim`` wide (or ``out_channels``).
 
     Args:
         vit_cfg: keyword arguments of :class:`SparseViT` (``arch``, ``attn_mode``,
@@ -89,6 +89,11 @@ class SparseViTAdapter(BaseModule):
         with_cp: gradient checkpointing of every interaction (injector, ViT blocks, extractor).
         freeze_vit: keep the ViT's weights fixed (SparseViT ``frozen``: no gradients, blocks in
             eval mode); the adapter and the head train. ``vit_cfg['frozen']`` means the same.
+        out_channels: width of the four output maps; ``None`` = ``embed_dim`` (ViT-Adapter). A narrower width
+            is a memory lever that changes the model: the stride-4 prior ``c1`` and the up-convolution are built
+            at this width, the three interaction levels and the four ViT maps get 1x1 projections (the ViT maps
+            are projected on the ViT grid, before resizing), so no ``embed_dim``-wide map exists above the ViT
+            grid's resolution outside the interactions. The head's ``in_channels`` must match.
     """
 
     def __init__(self,
@@ -107,6 +112,7 @@ class SparseViTAdapter(BaseModule):
                  norm_cfg: Optional[Dict] = None,
                  with_cp: bool = False,
                  freeze_vit: bool = False,
+                 out_channels: Optional[int] = None,
                  init_cfg: Optional[Dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         _reject_vit_options(vit_cfg)
@@ -130,8 +136,10 @@ class SparseViTAdapter(BaseModule):
         norm_cfg = norm_cfg or dict(type='BN', requires_grad=True)
         deform_num_heads = deform_num_heads or self.vit.num_heads
 
+        out = out_channels or dim
+        self.out_channels = out
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
-        self.spm = SpatialPriorModule(conv_inplane, dim, norm_cfg=norm_cfg)
+        self.spm = SpatialPriorModule(conv_inplane, dim, norm_cfg=norm_cfg, c1_channels=out)
         last = len(self.interaction_indexes) - 1
         self.interactions = nn.ModuleList(
             InteractionBlock(
@@ -140,11 +148,16 @@ class SparseViTAdapter(BaseModule):
                 drop_path=vit_cfg.get('drop_path_rate', 0.),
                 num_extra_extractors=2 if (use_extra_extractor and i == last) else 0)
             for i in range(len(self.interaction_indexes)))
-        self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.out_norms = nn.ModuleList(build_norm_layer(norm_cfg, dim)[1] for _ in STRIDES)
+        self.up = nn.ConvTranspose2d(dim, out, 2, 2)
+        narrow = out != dim
+        # Narrow outputs: 1x1 projections of the interaction levels (strides 8-32) and of the ViT maps.
+        self.level_projs = nn.ModuleList(nn.Conv2d(dim, out, 1) for _ in STRIDES[1:]) if narrow else None
+        self.vit_projs = nn.ModuleList(nn.Conv2d(dim, out, 1) for _ in STRIDES) if narrow and add_vit_feature else None
+        self.out_norms = nn.ModuleList(build_norm_layer(norm_cfg, out)[1] for _ in STRIDES)
 
-        for module in (self.spm, self.interactions, self.up):
-            init_adapter_weights(module)
+        for module in (self.spm, self.interactions, self.up, self.level_projs, self.vit_projs):
+            if module is not None:
+                init_adapter_weights(module)
         nn.init.normal_(self.level_embed)
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -185,10 +198,13 @@ class SparseViTAdapter(BaseModule):
             patches = tokens[:, geo.num_prefix_tokens:]
             vit_maps.append(patches.transpose(1, 2).unflatten(2, grid_hw))
 
-        maps = [c1] + [level.transpose(1, 2).unflatten(2, shape) for level, shape in
-                       zip(c.split([h * w for h, w in c_shapes], dim=1), c_shapes)]
+        levels = [level.transpose(1, 2).unflatten(2, shape) for level, shape in
+                  zip(c.split([h * w for h, w in c_shapes], dim=1), c_shapes)]
         # c1 is at ceil(H/4); 2 * ceil(H/8) may be one larger, so crop the upsampled c2.
-        maps[0] = maps[0] + self.up(maps[1])[..., :c1.shape[2], :c1.shape[3]]
+        maps = [c1 + self.up(levels[0])[..., :c1.shape[2], :c1.shape[3]]]
+        maps += levels if self.level_projs is None else [proj(m) for proj, m in zip(self.level_projs, levels)]
+        if self.vit_projs is not None:  # a 1x1 conv commutes with bilinear resizing: project on the small grid
+            vit_maps = [proj(v) for proj, v in zip(self.vit_projs, vit_maps)]
         if self.add_vit_feature:
             maps = [m + F.interpolate(v, size=m.shape[-2:], mode='bilinear', align_corners=False)
                     for m, v in zip(maps, vit_maps)]
