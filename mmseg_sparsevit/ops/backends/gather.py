@@ -1,21 +1,22 @@
 """Gathered-tile backend: pure PyTorch, any device, differentiable.
 
 Patch tokens are grouped tile-major; every tile gathers only the key region its queries can see (the
-3 x 3 neighbour tiles for 'block', a (2w - 1)^2 patch for 'sliding') plus the global keys, and runs one
-batched ``F.scaled_dot_product_attention``.  Memory is O(N * w^2) for patch rows and O(G * N) for
-global rows; no N x N score matrix or mask is ever built.  With pruning the tiles are compacted: only
-tiles holding a kept query take part, each with only its kept queries and the kept keys they can see,
-padded to the fullest tile, so memory follows the kept tokens instead of the grid.
+3 x 3 neighbour tiles for 'block', a (2w - 1)^2 patch for 'sliding') plus the global keys.  The attention
+over those regions runs in ``gather_autograd.py``, chunk of tiles by chunk of tiles, and its backward
+recomputes the gathers, so what a training step keeps is O(N * d) and the temporaries are O(chunk); no
+N x N score matrix or mask is ever built.  Global rows are O(G * N) (``global_rows.py``, run by the same
+function).  With pruning the tiles are compacted: only tiles holding a kept query take part, each with
+only its kept queries and the kept keys they can see, padded to the fullest tile, so memory follows the
+kept tokens instead of the grid.
 """
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..neighbourhood import Neighbourhood, TileLayout, tile_layout, tile_query_bounds
 from .base import AttentionBackend
-from .global_rows import global_rows
+from .gather_autograd import TileProblem, tile_attention
 
 
 class _Tiles(NamedTuple):
@@ -100,54 +101,48 @@ def _pruned_buckets(tiles: _Tiles, num_buckets: int = 4) -> list[_Tiles]:
     return buckets
 
 
-def _attend(q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, tiles: _Tiles, num_tokens: int,
-            num_global: int, heads: int, scale: float) -> Tensor:
-    """Attention of every tile's query slots, (A * Q, heads * dv), from (B * N, heads * d) token rows."""
-    num_pairs, num_q = tiles.query_token.shape
-    mask = torch.cat([tiles.mask, tiles.mask.new_ones(*tiles.mask.shape[:2], num_global)], dim=-1)
-    if num_global == 0:  # rows with no visible key only belong to padding queries; keep them finite
-        mask |= ~mask.any(dim=-1, keepdim=True)
-    global_ids = torch.arange(num_global, device=q_rows.device).expand(num_pairs, num_global)
-    token_base = tiles.sample[:, None] * num_tokens
-    key_rows = (torch.cat([tiles.key_token, global_ids], dim=-1) + token_base).reshape(-1)
-    q_t = q_rows.index_select(0, (tiles.query_token + token_base).reshape(-1)).view(num_pairs, num_q, heads, -1)
-    k_t = k_rows.index_select(0, key_rows).view(num_pairs, mask.shape[-1], heads, -1)
-    v_t = v_rows.index_select(0, key_rows).view(num_pairs, mask.shape[-1], heads, -1)
-    out = F.scaled_dot_product_attention(q_t.transpose(1, 2), k_t.transpose(1, 2), v_t.transpose(1, 2),
-                                         attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2).reshape(num_pairs * num_q, -1)
+def _problems(groups: list[_Tiles], num_tokens: int, num_global: int, per_sample: bool,
+              batch: int) -> Iterator[TileProblem]:
+    """The kernel's tile problems: the global keys appended to every tile, empty query slots writing to
+    the spare output row N; pruned groups are split by sample (each sample gathers from its own rows)."""
+    for group in groups:
+        num_pairs = group.query_token.shape[0]
+        mask = torch.cat([group.mask, group.mask.new_ones(*group.mask.shape[:2], num_global)], dim=-1)
+        if num_global == 0:  # rows with no visible key only belong to empty slots; keep them finite
+            mask |= ~mask.any(dim=-1, keepdim=True)
+        global_ids = torch.arange(num_global, device=mask.device).expand(num_pairs, num_global)
+        tables = (group.query_token, torch.where(group.query_valid, group.query_token, num_tokens),
+                  torch.cat([group.key_token, global_ids], dim=-1), ~mask)
+        # tiles that see every key they gather (e.g. inside the grid for 'block') skip the masking
+        sees_all = mask.flatten(1).all(dim=1)
+        for sample in range(batch) if per_sample else (None, ):
+            for masked in (False, True):
+                pick = sees_all != masked if sample is None else (sees_all != masked) & (group.sample == sample)
+                if bool(pick.any()):
+                    picked = tuple(t[pick] for t in tables)
+                    yield TileProblem(sample, *picked[:3], picked[3] if masked else None)
 
 
-def _token_rows(x: Tensor) -> Tensor:
-    """(B, h, N, d) -> (B * N, h * d) so one ``index_select`` gathers all heads of a token at once."""
-    batch, heads, num_tokens, dim = x.shape
-    return x.transpose(1, 2).reshape(batch * num_tokens, heads * dim)
+def tile_problems(batch: int, num_tokens: int, grid_hw: tuple[int, int], num_global: int, window_size: int,
+                  neighbourhood: Neighbourhood, patch_index: Optional[Tensor],
+                  device: torch.device) -> list[TileProblem]:
+    """The tile problems of a call: without pruning one set of tiles serves every sample; with it, each
+    sample's compacted buckets."""
+    layout = tile_layout(grid_hw, num_global, window_size, patch_index, device)
+    if patch_index is None:
+        groups = [_tiles(layout, 1, window_size, neighbourhood)]
+    else:
+        groups = _pruned_buckets(_tiles(layout, batch, window_size, neighbourhood))
+    return list(_problems(groups, num_tokens, num_global, patch_index is not None, batch))
 
 
 def gather_attention(q: Tensor, k: Tensor, v: Tensor, grid_hw: tuple[int, int], num_global: int,
                      window_size: int, neighbourhood: Neighbourhood, patch_index: Optional[Tensor],
                      scale: float) -> Tensor:
     """Sparse attention on validated arguments, (B, heads, G + M, dv)."""
-    batch, heads, num_tokens, _ = q.shape
-    num_patches = num_tokens - num_global
-    layout = tile_layout(grid_hw, num_global, window_size, patch_index, q.device)
-    tiles = _tiles(layout, batch, window_size, neighbourhood)
-    groups = [tiles] if patch_index is None else _pruned_buckets(tiles)
-    rows = tuple(_token_rows(x) for x in (q, k, v))
-
-    # each present patch token fills exactly one query slot; ``token_rows`` points at its output row
-    outs, offset = [], 0
-    token_rows = torch.empty(batch * num_patches, dtype=torch.long, device=q.device)
-    for group in groups:
-        outs.append(_attend(*rows, group, num_tokens, num_global, heads, scale))
-        slot_rows = offset + torch.arange(outs[-1].shape[0], device=q.device).view(group.query_token.shape)
-        dest = group.sample[:, None] * num_patches + group.query_token - num_global
-        token_rows[dest[group.query_valid]] = slot_rows[group.query_valid]
-        offset += outs[-1].shape[0]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    del outs, rows
-    patch_out = out.index_select(0, token_rows).view(batch, num_patches, heads, -1).transpose(1, 2)
-    return torch.cat([global_rows(q, k, v, num_global, scale), patch_out], dim=2)
+    problems = tile_problems(q.shape[0], q.shape[2], grid_hw, num_global, window_size, neighbourhood, patch_index,
+                             q.device)
+    return tile_attention(q, k, v, problems, scale, num_global)
 
 
 def _run(*args, automatic: bool) -> Tensor:
