@@ -85,6 +85,22 @@ def test_low_precision_gradients_close_to_float32(dtype, tol, keep):
         torch.testing.assert_close(value.float(), expected, atol=tol * expected.abs().max().item(), rtol=0, msg=name)
 
 
+@pytest.mark.parametrize('keep', [1.0, 0.5])
+def test_bf16_autocast_matches_float32(keep):
+    """Under CPU bf16 autocast (as in training with ``--amp bf16``) the kernel computes in float32 on the
+    inputs it is given: float32 inputs give the float32 result and gradients."""
+    q, k, v, patch_index = inputs(3, 2, 9, (9, 10), keep, requires_grad=True)
+    args = ((9, 10), 9, 4, 'sliding', patch_index)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = _grads(_gather, q, k, v, *args)
+        with torch.no_grad():
+            no_grad_out = _gather(q, k, v, *args)
+    for name, value, expected in zip(['out', 'dq', 'dk', 'dv'], got, _grads(_gather, q, k, v, *args)):
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(no_grad_out, got[0], atol=1e-6, rtol=1e-5)
+
+
 def _saved_bytes(fn):
     """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
     storages = {}

@@ -10,8 +10,10 @@ The G global rows (``global_rows.py``, O(G * N)) are computed in the same functi
 into the same gradient buffers, so no second set of N x d gradients is summed in.  So what is saved for
 backward is q, k, v, the output, the log-sum-exp and the tile tables, never the gathered neighbourhoods
 (about 9x the tokens for a 'block' window), and the temporaries of a chunk bound the rest.  Scores,
-statistics and gradient sums are float32 for every input dtype.
+statistics and gradient sums are float32 for every input dtype, with autocast off inside (under autocast
+the inputs arrive in its dtype and the output keeps q's).
 """
+from contextlib import nullcontext
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -137,6 +139,8 @@ class TileAttention(torch.autograd.Function):
     (``global_rows``), the patch rows are the tile problems' attention."""
 
     @staticmethod
+    @torch.autocast('cpu', enabled=False)
+    @torch.autocast('cuda', enabled=False)
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, problems: list[TileProblem], scale: float,
                 num_global: int) -> Tensor:
         batch, heads, num_tokens, _ = q.shape
@@ -154,6 +158,8 @@ class TileAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autocast('cpu', enabled=False)
+    @torch.autocast('cuda', enabled=False)
     def backward(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], ...]:
         q, k, v, out, lse, *saved = ctx.saved_tensors
         tables, problems = iter(saved), []
@@ -176,7 +182,8 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, problems: list[TileProblem],
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return TileAttention.apply(q, k, v, problems, scale, num_global)
     batch, heads, num_tokens, _ = q.shape
-    out = q.new_empty(batch, heads, num_tokens + 1, v.shape[-1])
-    out[:, :, :num_global] = global_rows(q, k, v, num_global, scale)
-    _attend_without_grad(q, k, v, problems, scale, out)
+    with torch.autocast(q.device.type, enabled=False) if q.device.type in ('cpu', 'cuda') else nullcontext():
+        out = q.new_empty(batch, heads, num_tokens + 1, v.shape[-1])
+        out[:, :, :num_global] = global_rows(q, k, v, num_global, scale)
+        _attend_without_grad(q, k, v, problems, scale, out)
     return out[:, :, :num_tokens]
