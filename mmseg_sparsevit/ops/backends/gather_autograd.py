@@ -25,6 +25,9 @@ from .global_rows import global_probs, global_rows
 # Attention scores per chunk (samples x heads x tiles x queries x keys): 4 MiB per float32 temporary of
 # that size, a few of which (scores, dP, gathered keys / values and their gradients) live at once.
 CHUNK_SCORES = 2**20
+# ... and at most this fraction of q's elements, so that on small grids the temporaries stay small next to
+# the output and the gradients (which every attention needs) instead of adding a fixed 20 MiB.
+CHUNK_OF_Q = 0.25
 # Without gradients fused SDPA keeps no score-sized temporaries, only the chunk's gathered keys and values:
 # chunks 8x larger, so fewer (and on a busy CPU, much cheaper) calls.
 NO_GRAD_CHUNK_FACTOR = 8
@@ -39,11 +42,13 @@ class TileProblem(NamedTuple):
     hidden: Optional[Tensor]  # (A, 1 or Q, K) query may not see key (None: sees all); no row hides all
 
 
-def _chunks(problem: TileProblem, rows: int, factor: int = 1) -> Iterator[TileProblem]:
-    """``problem`` cut along its tiles so that ``rows`` (samples x heads) x tiles x Q x K is at most
-    ``factor`` x CHUNK_SCORES."""
+def _chunks(problem: TileProblem, q: Tensor, factor: int = 1) -> Iterator[TileProblem]:
+    """``problem`` cut along its tiles so that (samples x heads) x tiles x Q x K is at most ``factor`` x
+    min(CHUNK_SCORES, CHUNK_OF_Q x q's elements)."""
     num_tiles, num_q = problem.query_token.shape
-    step = max(1, factor * CHUNK_SCORES // (rows * num_q * problem.key_token.shape[1]))
+    rows = (q.shape[0] if problem.sample is None else 1) * q.shape[1]
+    budget = factor * min(CHUNK_SCORES, int(CHUNK_OF_Q * q.numel()))
+    step = max(1, budget // (rows * num_q * problem.key_token.shape[1]))
     for start in range(0, num_tiles, step):
         yield TileProblem(problem.sample, *(None if t is None else t[start:start + step] for t in problem[1:]))
 
@@ -70,7 +75,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, problems: list[TileProblem], scale
     """Fill the patch rows of ``out`` (B, h, N + 1, dv) and ``lse`` (B, h, N + 1), chunk by chunk."""
     for problem in problems:
         qs, ks, vs, outs, lses = (_of_sample(t, problem.sample) for t in (q, k, v, out, lse))
-        for chunk in _chunks(problem, qs.shape[0] * qs.shape[1]):
+        for chunk in _chunks(problem, q):
             scores = _scores(_take(qs, chunk.query_token).mul_(scale), _take(ks, chunk.key_token), chunk.hidden)
             row_max = scores.amax(dim=-1, keepdim=True)
             weights = scores.sub_(row_max).exp_()  # unnormalised probabilities, in place of the scores
@@ -87,7 +92,7 @@ def _attend_without_grad(q: Tensor, k: Tensor, v: Tensor, problems: list[TilePro
     ``F.scaled_dot_product_attention`` per chunk (tiles as its head axis), no statistics kept."""
     for problem in problems:
         qs, ks, vs, outs = (_of_sample(t, problem.sample) for t in (q, k, v, out))
-        for chunk in _chunks(problem, qs.shape[0] * qs.shape[1], NO_GRAD_CHUNK_FACTOR):
+        for chunk in _chunks(problem, q, NO_GRAD_CHUNK_FACTOR):
             q_t, k_t, v_t = (_take(x, tokens).flatten(0, 1) for x, tokens in (
                 (qs, chunk.query_token), (ks, chunk.key_token), (vs, chunk.key_token)))
             mask = None if chunk.hidden is None else ~chunk.hidden
@@ -104,7 +109,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     for problem in problems:
         qs, ks, vs, outs, lses, dos = (_of_sample(t, problem.sample) for t in (q, k, v, out, lse, grad_out))
         dq, dk, dv = (_of_sample(g, problem.sample) for g in grads)
-        for chunk in _chunks(problem, qs.shape[0] * qs.shape[1]):
+        for chunk in _chunks(problem, q):
             q_t = _take(qs, chunk.query_token).mul_(scale)
             k_t, v_t = _take(ks, chunk.key_token), _take(vs, chunk.key_token)
             chunk_lse = lses.index_select(2, chunk.query_dest.reshape(-1)).view(*lses.shape[:2],
