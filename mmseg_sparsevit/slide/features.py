@@ -25,8 +25,7 @@ import json
 import os
 import os.path as osp
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import h5py
@@ -43,12 +42,13 @@ from mmseg_sparsevit.models.presets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
 from .dataset import TileDataset
-from .inference import SlideResult, peak_memory_gb, slide_stem
-from .parallel import SINGLE, Ranks, deal, gathered_batches, resolve_split
-from .reader import SlideReadError, open_slide
+from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
+from .inference import peak_memory_gb
+from .parallel import SINGLE, Ranks, deal, gathered_batches
+from .reader import open_slide
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
-from .writers import atomic_path, write_json
+from .writers import atomic_path
 
 LOCK_NAME = '.extract_slide_features.lock'
 _STATE_VERSION = 1
@@ -275,49 +275,17 @@ def embed_slide(embedder: Callable, path: str, out_dir: str, settings: Embedding
     return SlideResult(path, 'done', f'{len(grid)} tiles', {'h5': final}, summary)
 
 
-def _embed_reported(embedder: Callable, path: str, out_dir: str, settings: EmbeddingSettings, ranks: Ranks,
-                    label: str) -> SlideResult:
-    """:func:`embed_slide`, with an unreadable or failing slide turned into a 'failed' result."""
-    print_log(f'{label} {path}', logger='current')
-    try:
-        result = embed_slide(embedder, path, out_dir, settings, ranks)
-    except SlideReadError as err:
-        result = SlideResult(path, 'failed', str(err))
-    except Exception as err:  # noqa: BLE001 - one bad slide must not stop a batch of hundreds; the report names it
-        result = SlideResult(path, 'failed', f'{type(err).__name__}: {err}')
-        print_log(traceback.format_exc(), logger='current', level=40)
-    level = 40 if result.status == 'failed' else 20
-    print_log(f'{path}: {result.status}' + (f' ({result.message})' if result.message else ''), logger='current',
-              level=level)
-    return result
-
-
 def embed_slides(embedder: Callable, paths: Sequence[str], out_dir: str,
                  settings: EmbeddingSettings = EmbeddingSettings(), ranks: Ranks = SINGLE) -> List[SlideResult]:
     """Embed each slide; an unreadable, tissue-free or failing slide is reported and the batch goes on.
 
     Holds a lock on ``out_dir`` (a second extraction into it refuses). Rank 0 writes ``out_dir/slides.json``
     listing every slide's status; every rank returns the full list."""
-    stems = [slide_stem(p) for p in paths]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise ValueError(f'slides share output names (same file name in different folders): {clashes}')
+    check_unique_stems(paths)
     check_tile_size(settings.tile_size, embedder.patch_size)
-    split = resolve_split(settings.split, len(paths), ranks)
     with locked_work_dir(out_dir, LOCK_NAME, 'slide feature folder'):
-        if split == 'slides' and ranks.world_size > 1:
-            numbered = list(enumerate(paths))
-            mine = [(i, _embed_reported(embedder, p, out_dir, settings, SINGLE, f'[rank {ranks.rank}: {i + 1}/'
-                                        f'{len(paths)}]')) for i, p in deal(numbered, ranks)]
-            results = [r for _, r in sorted(sum(ranks.all_gather(mine), []), key=lambda item: item[0])]
-        else:
-            results = [_embed_reported(embedder, p, out_dir, settings, ranks, f'[{i}/{len(paths)}]')
-                       for i, p in enumerate(paths, 1)]
-            results = ranks.broadcast(results)  # rank 0's view: it wrote the files
-        if ranks.is_main:
-            write_json(osp.join(out_dir, 'slides.json'), [asdict(r) for r in results])
-        ranks.barrier()
-    return results
+        return run_slides(lambda path, job_ranks: embed_slide(embedder, path, out_dir, settings, job_ranks),
+                          paths, out_dir, ranks, settings.split)
 
 
 def result_table(results: Sequence[SlideResult]) -> str:

@@ -24,19 +24,18 @@ import resource
 import shutil
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from mmengine.logging import print_log
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
 from .dataset import TileDataset
-from .parallel import SINGLE, Ranks, deal, gathered_batches, resolve_split
-from .reader import SlideReadError, open_slide
+from .parallel import SINGLE, Ranks, deal, gathered_batches
+from .reader import open_slide
 from .stitching import Block, Stitcher
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
@@ -65,17 +64,6 @@ class SlideSettings:
     polygon_min_area_px: float = 4.0  # GeoJSON leaves out pieces smaller than this (px at the target µm/px)
     overlay_max_side: int = 2048  # the overlay PNG is at the target µm/px, or coarser to fit this side
     progress: bool = True
-
-
-@dataclass
-class SlideResult:
-    """What happened to one slide: status 'done', 'skipped' (finished earlier), 'no_tissue' or 'failed'."""
-
-    slide: str
-    status: str
-    message: str = ''
-    outputs: Dict[str, str] = field(default_factory=dict)
-    summary: Dict = field(default_factory=dict)
 
 
 class TileSegmenter:
@@ -138,11 +126,6 @@ def build_segmenter(config: str, checkpoint: Optional[str], device: str = 'cpu',
     model = init_model(cfg, checkpoint, device=device)
     return TileSegmenter(model, model_mpp(cfg), model_patch_size(model, cfg), amp,
                          name=f'{osp.basename(config)}:{osp.basename(checkpoint) if checkpoint else "random"}')
-
-
-def slide_stem(path: str) -> str:
-    """File name without its extension (``a.ome.tiff`` -> ``a.ome``)."""
-    return osp.splitext(osp.basename(path))[0]
 
 
 def output_paths(out_dir: str, stem: str) -> Dict[str, str]:
@@ -326,23 +309,6 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
     return SlideResult(path, 'done', f'{len(grid)} tiles', outputs, summary)
 
 
-def _segment_reported(segmenter: Callable, path: str, out_dir: str, settings: SlideSettings, ranks: Ranks,
-                      label: str) -> SlideResult:
-    """:func:`segment_slide`, with an unreadable or failing slide turned into a 'failed' result."""
-    print_log(f'{label} {path}', logger='current')
-    try:
-        result = segment_slide(segmenter, path, out_dir, settings, ranks=ranks)
-    except SlideReadError as err:
-        result = SlideResult(path, 'failed', str(err))
-    except Exception as err:  # one bad slide must not stop a batch of hundreds; the report names it
-        result = SlideResult(path, 'failed', f'{type(err).__name__}: {err}')
-        print_log(traceback.format_exc(), logger='current', level=40)
-    level = 40 if result.status == 'failed' else 20
-    print_log(f'{path}: {result.status}' + (f' ({result.message})' if result.message else ''),
-              logger='current', level=level)
-    return result
-
-
 def segment_slides(segmenter: Callable, paths: Sequence[str], out_dir: str,
                    settings: SlideSettings = SlideSettings(), ranks: Ranks = SINGLE,
                    split: str = 'auto') -> List[SlideResult]:
@@ -350,24 +316,10 @@ def segment_slides(segmenter: Callable, paths: Sequence[str], out_dir: str,
 
     Also writes ``out_dir/slides.json`` listing every slide's status. Several ``ranks`` (torchrun) share whole
     slides or the tiles of each slide (``split``, see :mod:`.parallel`) and write what one process writes."""
-    stems = [slide_stem(p) for p in paths]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise ValueError(f'slides share output names (same file name in different folders): {clashes}')
+    check_unique_stems(paths)
     target_mpp(segmenter, settings)
-    if resolve_split(split, len(paths), ranks) == 'slides' and ranks.world_size > 1:
-        mine = [(i, _segment_reported(segmenter, p, out_dir, settings, SINGLE,
-                                      f'[rank {ranks.rank}: {i + 1}/{len(paths)}]'))
-                for i, p in deal(list(enumerate(paths)), ranks)]
-        results = [r for _, r in sorted(sum(ranks.all_gather(mine), []), key=lambda item: item[0])]
-    else:
-        results = [_segment_reported(segmenter, p, out_dir, settings, ranks, f'[{i}/{len(paths)}]')
-                   for i, p in enumerate(paths, 1)]
-        results = ranks.broadcast(results)  # rank 0's view: it wrote the outputs
-    if ranks.is_main:
-        write_json(osp.join(out_dir, 'slides.json'), [asdict(r) for r in results])
-    ranks.barrier()
-    return results
+    return run_slides(lambda path, job_ranks: segment_slide(segmenter, path, out_dir, settings, ranks=job_ranks),
+                      paths, out_dir, ranks, split)
 
 
 def result_table(results: Sequence[SlideResult]) -> str:
