@@ -32,8 +32,6 @@ import h5py
 import numpy as np
 import torch
 from mmengine.logging import print_log
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mmseg_sparsevit.classification.extraction import ExtractionConfig, build_backbone
 from mmseg_sparsevit.engine.run_lock import locked_work_dir
@@ -41,10 +39,10 @@ from mmseg_sparsevit.models.modes import autocast, describe_precision, is_pruned
 from mmseg_sparsevit.models.presets import IMAGENET_MEAN, IMAGENET_STD, PRETRAINED
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
-from .dataset import TileDataset
+from .dataset import run_tiles
 from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
 from .inference import peak_memory_gb
-from .parallel import SINGLE, Ranks, deal, gathered_batches
+from .parallel import SINGLE, Ranks
 from .reader import open_slide
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
@@ -243,23 +241,13 @@ def embed_slide(embedder: Callable, path: str, out_dir: str, settings: Embedding
     done = ranks.broadcast(None if partial is None else partial.done)
     todo = np.flatnonzero(~done)
     resumed = len(grid) - len(todo)
-    save_every = max(1, -(-settings.checkpoint_every // (settings.batch_size * ranks.world_size)))  # in rounds
-    dataset = TileDataset(path, grid, settings.slide_mpp, deal(todo, ranks))
-    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
     run_start = time.perf_counter()
-    with tqdm(total=len(grid), initial=resumed, unit='tile', desc=stem, dynamic_ncols=True,
-              disable=not (settings.progress and ranks.is_main)) as bar:
-        rounds = gathered_batches(embedder, loader, len(todo), settings.batch_size, ranks)
-        for number, gathered in enumerate(rounds, 1):
-            if gathered is None:
-                continue
-            partial.add(*gathered)
-            bar.update(len(gathered[0]))
-            if number % save_every == 0:
-                partial.save()
-                if on_round is not None:
-                    on_round(int(partial.done.sum()))
-    dataset.close()
+    for save_now, indices, features in run_tiles(embedder, path, grid, todo, settings, ranks, stem):
+        partial.add(indices, features)
+        if save_now:
+            partial.save()
+            if on_round is not None:
+                on_round(int(partial.done.sum()))
     run_time = time.perf_counter() - run_start
     if partial is None:
         return SlideResult(path, 'done', f'{len(grid)} tiles (written by rank 0)', {'h5': final}, summary)

@@ -29,12 +29,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
-from .dataset import TileDataset
-from .parallel import SINGLE, Ranks, deal, gathered_batches
+from .dataset import run_tiles
+from .parallel import SINGLE, Ranks
 from .reader import open_slide
 from .stitching import Block, Stitcher
 from .tiling import TileGrid, check_tile_size, plan_tiles
@@ -260,25 +258,14 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
         partial.restore(stitcher)
     todo = np.flatnonzero(~ranks.broadcast(None if stitcher is None else stitcher.added))
     resumed_tiles = len(grid) - len(todo)
-    dataset = TileDataset(path, grid, settings.slide_mpp, deal(todo, ranks))
-    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, shuffle=False)
-    save_every = max(1, -(-settings.checkpoint_every // (settings.batch_size * ranks.world_size)))  # in rounds
     run_start = time.perf_counter()
-    with tqdm(total=len(grid), initial=resumed_tiles, unit='tile', desc=stem, dynamic_ncols=True,
-              disable=not (settings.progress and ranks.is_main)) as bar:
-        # one batch per rank per round, gathered on rank 0 in tile order (a single process: each batch as is)
-        rounds = gathered_batches(segmenter, loader, len(todo), settings.batch_size, ranks)
-        for batch, gathered in enumerate(rounds, 1):
-            if gathered is None:
-                continue
-            for index, tile_scores in zip(gathered[0].tolist(), gathered[1]):
-                stitcher.add(index, tile_scores)
-            bar.update(len(gathered[0]))
-            if batch % save_every == 0:
-                partial.save(stitcher)
-            if on_batch is not None:
-                on_batch(int(stitcher.added.sum()))
-    dataset.close()
+    for save_now, indices, scores in run_tiles(segmenter, path, grid, todo, settings, ranks, stem):
+        for index, tile_scores in zip(indices.tolist(), scores):
+            stitcher.add(index, tile_scores)
+        if save_now:
+            partial.save(stitcher)
+        if on_batch is not None:
+            on_batch(int(stitcher.added.sum()))
     run_time = time.perf_counter() - run_start
     if not ranks.is_main:
         return SlideResult(path, 'done', f'{len(grid)} tiles (written by rank 0)', outputs, summary)
