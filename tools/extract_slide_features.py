@@ -23,6 +23,7 @@ from mmengine.logging import print_log
 from mmseg_sparsevit.classification.cli import add_model_args, base_config
 from mmseg_sparsevit.classification.extraction import EXTRACTION_PRECISIONS, MODES
 from mmseg_sparsevit.slide import TissueSettings, list_slides
+from mmseg_sparsevit.slide.batch import report_batch
 from mmseg_sparsevit.slide.features import EmbeddingSettings, build_embedder, embed_slides, result_table
 from mmseg_sparsevit.slide.parallel import SPLITS, init_ranks, rank_device
 
@@ -79,10 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = embed_slides(embedder, slides, args.out_dir, settings, ranks)
     finally:
         ranks.close()
-    if ranks.is_main:
-        print(result_table(results))
-        print(f'features in {args.out_dir} (slides.json lists every slide)')
-    return 1 if any(r.status == 'failed' for r in results) else 0
+    return report_batch(results, result_table(results), ranks, f'features in {args.out_dir}')
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 from mmseg_sparsevit.slide import TissueSettings, list_slides
+from mmseg_sparsevit.slide.batch import report_batch
 from mmseg_sparsevit.slide.inference import SlideSettings, build_segmenter, result_table, segment_slides
 from mmseg_sparsevit.slide.parallel import SPLITS, init_ranks, rank_device
 
@@ -78,10 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results = segment_slides(segmenter, slides, args.out_dir, settings, ranks, args.split)
     finally:
         ranks.close()
-    if ranks.is_main:
-        print(result_table(results))
-        print(f'outputs in {args.out_dir} (slides.json lists every slide)')
-    return 1 if any(r.status == 'failed' for r in results) else 0
+    return report_batch(results, result_table(results), ranks, f'outputs in {args.out_dir}')
 
 
 if __name__ == '__main__':

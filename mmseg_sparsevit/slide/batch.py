@@ -73,3 +73,11 @@ def run_slides(job: SlideJob, paths: Sequence[str], out_dir: str, ranks: Ranks =
         write_json(osp.join(out_dir, 'slides.json'), [asdict(r) for r in results])
     ranks.barrier()
     return results
+
+
+def report_batch(results: Sequence[SlideResult], table: str, ranks: Ranks, where: str) -> int:
+    """Print the batch's table and where its outputs are (rank 0); exit status 1 when a slide failed."""
+    if ranks.is_main:
+        print(table)
+        print(f'{where} (slides.json lists every slide)')
+    return 1 if any(r.status == 'failed' for r in results) else 0
