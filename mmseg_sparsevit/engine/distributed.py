@@ -12,6 +12,7 @@ normalises with its own batch statistics, as a single-process run does.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -115,3 +116,11 @@ def setup_distributed(cfg: Config) -> None:
     rank = int(env['RANK'])
     backend, kwargs = _cpu_process_group_args(dist_cfg, rank)
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=int(env['WORLD_SIZE']), **kwargs)
+    # Tear the gloo group down before interpreter shutdown: left to the static destructors, its threads can
+    # abort the process ('terminate called without an active exception') after the run itself succeeded.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
