@@ -18,62 +18,33 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mmengine.logging import print_log
-
 from mmseg_sparsevit.classification.cli import add_model_args, base_config
 from mmseg_sparsevit.classification.extraction import EXTRACTION_PRECISIONS, MODES
-from mmseg_sparsevit.slide import TissueSettings, list_slides
 from mmseg_sparsevit.slide.batch import report_batch
+from mmseg_sparsevit.slide.cli import add_slide_arguments, settings_kwargs, slides_to_run
 from mmseg_sparsevit.slide.features import EmbeddingSettings, build_embedder, embed_slides, result_table
-from mmseg_sparsevit.slide.parallel import SPLITS, init_ranks, rank_device
+from mmseg_sparsevit.slide.parallel import init_ranks, rank_device
 
 DEFAULTS = EmbeddingSettings()
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('slides', nargs='+', help='slide / image files, or folders holding them')
-    parser.add_argument('--out-dir', required=True, help='output folder (reruns continue in it)')
+    add_slide_arguments(parser, DEFAULTS, mpp_help='µm/px to embed at (default: %(default)s, 20x)')
     add_model_args(parser)
     parser.add_argument('--mode', default='sparse+prune', choices=MODES, help='attention mode')
-    tiles = parser.add_argument_group('tiles')
-    tiles.add_argument('--mpp', type=float, default=DEFAULTS.mpp, help='µm/px to embed at (default: %(default)s, 20x)')
-    tiles.add_argument('--slide-mpp', type=float,
-                       help='µm per level-0 px of the slides, for files whose metadata lacks it (overrides it)')
-    tiles.add_argument('--tile-size', type=int, default=DEFAULTS.tile_size,
-                       help='tile side in px at --mpp, a multiple of the ViT patch size (default: %(default)s)')
-    tiles.add_argument('--overlap', type=int, default=DEFAULTS.overlap, help='overlap of neighbouring tiles in px')
-    tiles.add_argument('--min-tissue', type=float, default=DEFAULTS.min_tissue,
-                       help='keep tiles whose tissue share exceeds this (default: any tissue)')
-    tiles.add_argument('--no-tissue-detection', action='store_true', help='tile the whole image')
-    tiles.add_argument('--tissue-mpp', type=float, default=DEFAULTS.tissue.mpp,
-                       help='µm/px of the thumbnail tissue is detected on (default: %(default)s)')
-    run = parser.add_argument_group('runtime')
-    run.add_argument('--batch-size', type=int, default=DEFAULTS.batch_size, help='tiles per forward')
-    run.add_argument('--workers', type=int, default=DEFAULTS.num_workers, help='DataLoader workers reading tiles')
-    run.add_argument('--device', default='cpu', help="'cpu', 'cuda' (under torchrun: each process its GPU), 'cuda:N'")
-    run.add_argument('--precision', default='auto', choices=EXTRACTION_PRECISIONS,
-                     help='auto: bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU')
-    run.add_argument('--checkpoint-every', type=int, default=DEFAULTS.checkpoint_every,
-                     help='tiles between saves of a slide in progress (default: %(default)s)')
-    run.add_argument('--split', choices=SPLITS, default=DEFAULTS.split,
-                     help='torchrun: whole slides per process, the tiles of each slide, or auto (default)')
-    run.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--precision', default='auto', choices=EXTRACTION_PRECISIONS,
+                        help='auto: bf16 autocast on CUDA (fp16 if unsupported), fp32 on CPU')
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    slides = list_slides(args.slides)
-    if not slides:
-        print_log(f'no slides found in {args.slides}', logger='current', level=40)
+    slides = slides_to_run(args)
+    if slides is None:
         return 1
     ranks = init_ranks(args.device)
-    settings = EmbeddingSettings(
-        mpp=args.mpp, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-        num_workers=args.workers, slide_mpp=args.slide_mpp,
-        tissue=None if args.no_tissue_detection else TissueSettings(mpp=args.tissue_mpp), min_tissue=args.min_tissue,
-        checkpoint_every=args.checkpoint_every, split=args.split, progress=not args.no_progress)
+    settings = EmbeddingSettings(**settings_kwargs(args), split=args.split)
     args.resize = 'stretch'  # base_config's data argument; tiles are cut at their size, never resized
     embedder = build_embedder(base_config(args, args.tile_size, args.mode), rank_device(args.device), args.precision)
     try:
