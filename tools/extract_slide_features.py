@@ -41,8 +41,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     slides = slides_to_run(args)
-    if slides is None:
-        return 1
     ranks = init_ranks(args.device)
     settings = EmbeddingSettings(**settings_kwargs(args), split=args.split)
     args.resize = 'stretch'  # base_config's data argument; tiles are cut at their size, never resized

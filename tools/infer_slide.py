@@ -39,8 +39,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     slides = slides_to_run(args)
-    if slides is None:
-        return 1
     settings = SlideSettings(**settings_kwargs(args), amp=not args.no_amp, window=args.window)
     ranks = init_ranks(args.device)
     try:

@@ -4,7 +4,7 @@
 build their settings class (``SlideSettings`` / ``EmbeddingSettings``) from :func:`settings_kwargs`.
 """
 import argparse
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from mmengine.logging import print_log
 
@@ -50,10 +50,10 @@ def settings_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
                 checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
 
-def slides_to_run(args: argparse.Namespace) -> Optional[List[str]]:
-    """The slides the options name (folders expanded); None, with an error logged, when there are none."""
+def slides_to_run(args: argparse.Namespace) -> List[str]:
+    """The slides the options name (folders expanded); exits with status 1, as argparse does, when there are none."""
     slides = list_slides(args.slides)
     if not slides:
         print_log(f'no slides found in {args.slides}', logger='current', level=40)
-        return None
+        raise SystemExit(1)
     return slides
