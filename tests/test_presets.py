@@ -22,6 +22,7 @@ from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, 
 
 from mmseg_sparsevit.models import SparseViT
 from mmseg_sparsevit.models.presets import ARCH_PRESETS, PRETRAINED
+from vit_reference import sharpen
 
 DEPTH = 2
 
@@ -59,17 +60,6 @@ TIMM_REFERENCES: Dict[str, Tuple[str, dict, Callable]] = {
         img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
         mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True), cls_token),
 }
-
-
-def sharpen(model: nn.Module) -> None:
-    """Raise layer-scale gammas (1e-5 at init) to O(1) and scale qkv so that every block visibly acts."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith('.gamma'):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith('attn.qkv.weight'):
-                param.mul_(4)
 
 
 def timm_pair(preset: str) -> Tuple[nn.Module, SparseViT]:
@@ -118,23 +108,12 @@ TRANSFORMERS_REFERENCES: Dict[str, Tuple[Callable[[int], nn.Module], Callable]] 
 }
 
 
-def sharpen_transformers(model: nn.Module) -> None:
-    """``sharpen`` for transformers' names (layer scale ``lambda1``, query projection ``q_proj``)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith('lambda1'):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith('q_proj.weight'):
-                param.mul_(4)
-
-
 @pytest.mark.parametrize('preset', sorted(TRANSFORMERS_REFERENCES))
 def test_transformers_presets_equal_the_hub_architecture(preset: str, tmp_path: Path) -> None:
     build, embedding = TRANSFORMERS_REFERENCES[preset]
     torch.manual_seed(0)
     ref = build(DEPTH).eval()
-    sharpen_transformers(ref)
+    sharpen(ref, gamma='lambda1', query='q_proj.weight')
     ref.save_pretrained(tmp_path)  # the hub's (legacy) key layout: query/key/value, weights_in, layernorm_before
     model = SparseViT(preset, depth=DEPTH, pretrained=str(tmp_path / 'model.safetensors')).eval()
     model.init_weights()

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mmseg_sparsevit.models import ARCH_PRESETS, SparseViT, get_arch, timm_kwargs
 from mmseg_sparsevit.models.sparse_vit import tokens_to_nchw
 from mmseg_sparsevit.ops import SparseAttention
+from vit_reference import sharpen
 
 TINY = dict(embed_dim=96, depth=2, num_heads=4)
 
@@ -24,12 +25,7 @@ def build_pair(arch: str, **kwargs) -> tuple:
     """
     torch.manual_seed(0)
     ref = VisionTransformer(**timm_kwargs(get_arch(arch, **TINY))).eval()
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            if name.endswith('.gamma'):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith('attn.qkv.weight'):
-                param.mul_(4)
+    sharpen(ref)
     model = SparseViT(arch, **TINY, **kwargs).eval()
     model.load_state_dict(ref.state_dict(), strict=True)
     return ref, model
