@@ -60,13 +60,18 @@ def test_unpack_is_idempotent(download, tmp_path):
     assert _visible_tree(dest) == first and len(first) == 12
 
 
+def _unpack(dl: str, folder: str, dest) -> None:
+    """Unpack the ``folder`` archive of the download ``dl`` with its file-info CSV into ``dest``, by hand."""
+    dest.mkdir()
+    with tarfile.open(osp.join(dl, f'{folder}.tar.gz')) as tar:
+        tar.extractall(dest, filter='data')
+    shutil.copy(osp.join(dl, f'{folder.split("_")[0]}_fileinfo.csv'), dest)
+
+
 def test_unpacked_folder_as_source(download, tmp_path):
     direct, dl, out, _ = download
     src = tmp_path / 'unpacked'
-    src.mkdir()
-    with tarfile.open(osp.join(dl, 'CD235a_RBC.tar.gz')) as tar:
-        tar.extractall(src, filter='data')
-    shutil.copy(osp.join(dl, 'CD235a_fileinfo.csv'), src)
+    _unpack(dl, 'CD235a_RBC', src)
     report = prepare_segpath(str(src), out, expected_size=SIZE)
     assert [a.antigen for a in report.antigens] == ['CD235a'] and report.problems == []
     assert _visible_tree(osp.join(out, 'CD235a')) == _visible_tree(osp.join(direct, 'CD235a'))
@@ -189,10 +194,7 @@ def test_parallel_workers_give_the_same_report_and_output(download, tmp_path):
     the same problems in the same order, the same counts, and byte-identical output folders."""
     _, dl, _, counts = download
     src = tmp_path / 'unpacked'
-    src.mkdir()
-    with tarfile.open(osp.join(dl, 'panCK_Epithelium.tar.gz')) as tar:
-        tar.extractall(src, filter='data')
-    shutil.copy(osp.join(dl, 'panCK_fileinfo.csv'), src)
+    _unpack(dl, 'panCK_Epithelium', src)
     tiles = sorted(osp.join(src, 'panCK_Epithelium', n) for n in os.listdir(src / 'panCK_Epithelium'))
     he_files = [t for t in tiles if t.endswith('_HE.png')]
     _cut(he_files[0], 0.5)
