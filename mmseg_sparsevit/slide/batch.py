@@ -4,15 +4,20 @@ Both slide tools share this: one unreadable, tissue-free or failing slide is rep
 under ``torchrun`` whole slides or the tiles of each slide are shared out (:mod:`.parallel`); rank 0 writes
 ``slides.json`` with every slide's status, and every rank returns the same list.
 """
+import hashlib
+import json
+import os
 import os.path as osp
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
+import numpy as np
 from mmengine.logging import print_log
 
 from .parallel import SINGLE, Ranks, deal, resolve_split
 from .reader import SlideReadError
+from .tiling import TileGrid
 from .writers import write_json
 
 # process one slide: (path, the ranks sharing its tiles) -> result
@@ -33,6 +38,14 @@ class SlideResult:
 def slide_stem(path: str) -> str:
     """File name without its extension (``a.ome.tiff`` -> ``a.ome``)."""
     return osp.splitext(osp.basename(path))[0]
+
+
+def run_fingerprint(path: str, grid: TileGrid, **settings: Any) -> str:
+    """What a slide's partial state depends on (the slide file, the tile grid and ``settings``); a rerun whose
+    fingerprint differs starts the slide afresh instead of resuming it."""
+    key = dict(settings, slide=osp.abspath(path), size=os.path.getsize(path), mpp=grid.mpp, tile=grid.tile_size,
+               overlap=grid.overlap, tiles=hashlib.sha1(np.ascontiguousarray(grid.origins).tobytes()).hexdigest())
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def check_unique_stems(paths: Sequence[str]) -> None:

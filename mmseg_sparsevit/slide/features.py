@@ -20,7 +20,6 @@ atomically every ``checkpoint_every`` tiles); a rerun continues from it, skips s
 and gives the file an uninterrupted run gives. Several processes (``torchrun``) share slides or the tiles of
 each slide (:mod:`.parallel`) and write the same files as one process.
 """
-import hashlib
 import json
 import os
 import os.path as osp
@@ -39,8 +38,8 @@ from mmseg_sparsevit.models.modes import autocast, describe_precision, is_pruned
 from mmseg_sparsevit.models.presets import IMAGENET_MEAN, IMAGENET_STD, PRETRAINED
 from mmseg_sparsevit.models.sparse_vit import SparseViT
 
+from .batch import SlideResult, check_unique_stems, run_fingerprint, run_slides, slide_stem
 from .dataset import run_tiles
-from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
 from .inference import peak_memory_gb
 from .parallel import SINGLE, Ranks
 from .reader import open_slide
@@ -125,14 +124,6 @@ def features_path(out_dir: str, stem: str) -> str:
 
 def partial_path(out_dir: str, stem: str) -> str:
     return osp.join(out_dir, f'{stem}.partial.npz')
-
-
-def _fingerprint(path: str, grid: TileGrid, embedder: Callable) -> str:
-    """What a partial slide depends on; anything else changed and the slide starts afresh."""
-    key = dict(version=_STATE_VERSION, slide=osp.abspath(path), size=os.path.getsize(path), model=embedder.name,
-               attrs=embedder.attrs, mpp=grid.mpp, tile=grid.tile_size, overlap=grid.overlap,
-               tiles=hashlib.sha1(np.ascontiguousarray(grid.origins).tobytes()).hexdigest())
-    return json.dumps(key, sort_keys=True, default=str)
 
 
 class PartialSlide:
@@ -237,7 +228,8 @@ def embed_slide(embedder: Callable, path: str, out_dir: str, settings: Embedding
     if ranks.is_main:
         os.makedirs(out_dir, exist_ok=True)
         partial = PartialSlide(partial_path(out_dir, stem), len(grid), embedder.dim,
-                               _fingerprint(path, grid, embedder))
+                               run_fingerprint(path, grid, version=_STATE_VERSION, model=embedder.name,
+                                               attrs=embedder.attrs))
     done = ranks.broadcast(None if partial is None else partial.done)
     todo = np.flatnonzero(~done)
     resumed = len(grid) - len(todo)

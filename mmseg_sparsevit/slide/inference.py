@@ -16,7 +16,6 @@ blocks in progress, saved atomically every ``checkpoint_every`` tiles); a rerun 
 gives the same outputs as an uninterrupted run.
 """
 import contextlib
-import hashlib
 import json
 import os
 import os.path as osp
@@ -30,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .batch import SlideResult, check_unique_stems, run_slides, slide_stem
+from .batch import SlideResult, check_unique_stems, run_fingerprint, run_slides, slide_stem
 from .dataset import run_tiles
 from .parallel import SINGLE, Ranks
 from .reader import open_slide
@@ -176,15 +175,6 @@ class PartialRun:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _fingerprint(path: str, grid: TileGrid, settings: SlideSettings, segmenter: TileSegmenter) -> str:
-    """What a partial run depends on; a rerun with anything else changed starts the slide afresh."""
-    key = dict(version=_STATE_VERSION, slide=osp.abspath(path), size=os.path.getsize(path), model=segmenter.name,
-               classes=segmenter.num_classes, mpp=grid.mpp, tile=grid.tile_size, overlap=grid.overlap,
-               window=settings.window, batch=settings.batch_size,
-               tiles=hashlib.sha1(np.ascontiguousarray(grid.origins).tobytes()).hexdigest())
-    return json.dumps(key, sort_keys=True)
-
-
 def _class_pixels(class_map: np.ndarray, rows: int = 4096) -> np.ndarray:
     """Pixel count per class value (256 bins), in row strips."""
     counts = np.zeros(256, np.int64)
@@ -253,7 +243,9 @@ def segment_slide(segmenter: Callable, path: str, out_dir: str, settings: SlideS
     partial = stitcher = None
     if ranks.is_main:
         partial = PartialRun(osp.join(out_dir, f'{stem}.partial'), grid,
-                             _fingerprint(path, grid, settings, segmenter))
+                             run_fingerprint(path, grid, version=_STATE_VERSION, model=segmenter.name,
+                                             classes=segmenter.num_classes, window=settings.window,
+                                             batch=settings.batch_size))
         stitcher = Stitcher(grid, segmenter.num_classes, partial.write_block, settings.window)
         partial.restore(stitcher)
     todo = np.flatnonzero(~ranks.broadcast(None if stitcher is None else stitcher.added))
