@@ -23,9 +23,10 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def max_rss_bytes() -> int:
-    """Lifetime peak resident set size of this process (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def max_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    """Lifetime peak resident set size of this process, or with ``RUSAGE_CHILDREN`` of its largest finished
+    child (``ru_maxrss`` is in KiB on Linux, in bytes on macOS)."""
+    return resource.getrusage(who).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
 
 
 class RssSampler:

@@ -21,13 +21,14 @@ import os
 import os.path as osp
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from mmseg_sparsevit.benchmark.process import max_rss_bytes
 
 from .batch import SlideResult, check_unique_stems, run_fingerprint, run_slides, slide_stem
 from .dataset import run_tiles
@@ -185,9 +186,7 @@ def _class_pixels(class_map: np.ndarray, rows: int = 4096) -> np.ndarray:
 
 def peak_memory_gb() -> Dict[str, float]:
     """Peak resident memory of this process and of its finished children (DataLoader workers), and CUDA."""
-    unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    peak = {'cpu_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / GB,
-            'cpu_rss_workers_gb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit / GB}
+    peak = {'cpu_rss_gb': max_rss_bytes() / GB, 'cpu_rss_workers_gb': max_rss_bytes(resource.RUSAGE_CHILDREN) / GB}
     if torch.cuda.is_available():
         peak['cuda_gb'] = torch.cuda.max_memory_allocated() / GB
     return {k: round(v, 3) for k, v in peak.items()}
