@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from mmseg_sparsevit.cli.runner import (add_runner_arguments, build_runner, configure_testing, parse_runner_config,
                                         write_segpath_results)
-from mmseg_sparsevit.engine import setup_distributed
+from mmseg_sparsevit.engine import finish_distributed, setup_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -35,6 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     metrics = runner.test()
     if runner.rank == 0:
         write_segpath_results(cfg, args.config, args.checkpoint, metrics, tag=args.tag)
+    finish_distributed()
     return 0
 
 

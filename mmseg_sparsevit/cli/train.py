@@ -14,7 +14,7 @@ import sys
 from typing import List, Optional
 
 from mmseg_sparsevit.cli.runner import add_runner_arguments, build_runner, configure_training, parse_runner_config
-from mmseg_sparsevit.engine import locked_work_dir, setup_distributed
+from mmseg_sparsevit.engine import finish_distributed, locked_work_dir, setup_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with locked_work_dir(cfg.work_dir):  # a second run on this work dir refuses
         configure_training(cfg, resume=args.resume, amp=args.amp)
         build_runner(cfg).train()
+    finish_distributed()
     return 0
 
 

@@ -124,3 +124,14 @@ def setup_distributed(cfg: Config) -> None:
 def _destroy_process_group() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def finish_distributed() -> None:
+    """End a run that succeeded on every rank: wait for all ranks, then tear the process group down together.
+
+    Without the barrier a rank that is done first (e.g. rank 1 while rank 0 writes the result file) closes its
+    connections under the others, and gloo can abort the slower rank at exit ('terminate called without an
+    active exception') after its work is done. Not for error paths: a failed rank never reaches it."""
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
