@@ -48,6 +48,31 @@ def test_checkpointing_keeps_the_loss_and_gradients(options):
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+def test_decoder_checkpointing_keeps_the_weights_loss_and_gradients():
+    """``decoder-cp`` swaps in CheckpointedPixelDecoder: mmdet's parameter names (a plain state dict loads
+    strictly), each encoder layer runs again in the backward pass, and loss and gradients stay the plain ones."""
+    from mmseg_sparsevit.models.pixel_decoder import CheckpointedEncoder
+    plain = build_demo()
+    model = build_demo(**{'model.decode_head.pixel_decoder.type': 'CheckpointedPixelDecoder'})
+    assert isinstance(model.decode_head.pixel_decoder.encoder, CheckpointedEncoder)
+    model.load_state_dict(plain.state_dict())
+    calls = []
+    for m in (plain, model):
+        first_layer = m.decode_head.pixel_decoder.encoder.layers[0]
+        first_layer.register_forward_pre_hook(lambda *_, m=m: calls.append(m is model))
+    plain_loss, plain_grads = loss_and_grads(plain)
+    loss, grads = loss_and_grads(model)
+    assert calls == [False, True, True]  # forward, then the recomputation in backward (a pre-hook: it stops early)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        model(**model.data_preprocessor(synthetic_batch(112, 1, 2), False), mode='predict')
+    assert calls == [True]  # without gradients each layer runs once
+
+
 def test_frozen_vit_keeps_the_loss_and_gets_no_gradients():
     plain_loss, _ = loss_and_grads(build_demo())
     loss, grads = loss_and_grads(build_demo(**{'model.backbone.freeze_vit': True}))

@@ -68,6 +68,8 @@ OWNERS = PARTS + ('other', 'backward', 'optimizer')  # every allocation has exac
 LEVERS: Dict[str, Dict[str, Any]] = {
     'vit-cp': {'model.backbone.vit_cfg.with_cp': True},  # recompute each ViT block in the backward pass
     'adapter-cp': {'model.backbone.with_cp': True},  # recompute each interaction (injector, blocks, extractors)
+    # recompute each of the pixel decoder's deformable encoder layers (models/pixel_decoder.py)
+    'decoder-cp': {'model.decode_head.pixel_decoder.type': 'CheckpointedPixelDecoder'},
     'freeze-vit': {'model.backbone.freeze_vit': True},  # no ViT gradients / optimizer state (changes training)
     # 256-wide adapter outputs (Mask2Former's width) instead of embed_dim: changes the model (SparseViTAdapter docs)
     'narrow': {'model.backbone.out_channels': 256, 'model.decode_head.in_channels': [256] * 4},

@@ -1,4 +1,5 @@
-"""SparseViT and SparseViTAdapter backbones, registered in mmseg's ``MODELS``.
+"""SparseViT and SparseViTAdapter backbones (and a checkpointed Mask2Former pixel decoder), registered in
+mmseg's ``MODELS``.
 
 ``SparseViT`` needs only torch, timm and mmengine (the class is registered here, not decorated);
 the adapter and the registration need mmseg and mmcv ops, and are skipped when they do not import
@@ -16,7 +17,8 @@ __all__ = ['ARCH_PRESETS', 'PRETRAINED', 'PretrainedModel', 'SparseViT', 'ViTArc
 if mmseg_available():
     from mmseg.registry import MODELS
 
+    from .pixel_decoder import CheckpointedPixelDecoder  # registers itself; needs mmdet
     from .vit_adapter import SparseViTAdapter  # registers itself; needs mmcv.ops
 
     MODELS.register_module(module=SparseViT)
-    __all__.append('SparseViTAdapter')
+    __all__ += ['CheckpointedPixelDecoder', 'SparseViTAdapter']
