@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mmseg_sparsevit.benchmark import attention as bench
-from mmseg_sparsevit.benchmark.attention import (AttentionPoint, attention_table, kept_patch_index, measure_attention,
-                                                 measure_attention_in_subprocess, vanilla_attention)
+from mmseg_sparsevit.benchmark.attention import (AttentionPoint, arch_point, attention_table, kept_patch_index,
+                                                 measure_attention, measure_attention_in_subprocess, vanilla_attention)
 
 TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark_attention.py'
 TINY = dict(grid=(4, 5), num_global=1, heads=2, head_dim=8, window_size=2, warmup=1, repeats=2)
@@ -74,7 +74,8 @@ def test_table_ratios_come_from_the_dense_row_of_the_same_point():
 
 def test_failed_points_become_error_rows():
     timed_out = measure_attention_in_subprocess('gather', AttentionPoint(**TINY), timeout_s=0.01)
-    assert timed_out == dict(method='gather', grid=[4, 5], keep=1.0, backward=False, error='timed out after 0 s')
+    assert timed_out == dict(method='gather', grid=[4, 5], keep=1.0, backward=False, heads=2, head_dim=8, num_global=1,
+                             error='timed out after 0 s')
     crashed = measure_attention_in_subprocess('gather', AttentionPoint(**dict(TINY, window_size=0)), timeout_s=120)
     assert crashed['error'] == 'exit 1: ValueError: window_size must be an int >= 1, got 0'  # the worker's last line
     rows = table_rows(attention_table([timed_out, crashed]))
@@ -119,3 +120,46 @@ def test_cli_usage_errors(tool, argv, capsys):
     with pytest.raises(SystemExit) as exc:
         tool['parse_args'](argv)
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('arch, image_size, expected', [
+    ('uni2-h', 1344, dict(grid=(96, 96), heads=24, head_dim=64, num_global=9)),
+    ('virchow2', 1344, dict(grid=(96, 96), heads=16, head_dim=80, num_global=5)),
+    ('gigapath', 1344, dict(grid=(84, 84), heads=24, head_dim=64, num_global=1)),
+    ('phikon', 230, dict(grid=(14, 14), heads=12, head_dim=64, num_global=1)),  # 230 // 16: whole patches only
+])
+def test_arch_point_takes_the_presets_shapes(arch, image_size, expected):
+    point = arch_point(arch, image_size, repeats=3)
+    assert {key: getattr(point, key) for key in expected} == expected and point.repeats == 3
+    with pytest.raises(ValueError, match="image_size=8 is smaller than 'uni'"):
+        arch_point('uni', 8)
+
+
+def test_table_compares_each_arch_with_its_own_dense_row():
+    """Two shapes on one grid (as two presets of one patch size): each sparse row's ratio is against the dense
+    row of the same heads x head dim + global tokens, never the other model's."""
+    small = measure_attention('gather', AttentionPoint(**TINY))
+    wide = dict(small, heads=4, num_global=2, arch='wide')
+    small = dict(small, arch='small')
+    rows = table_rows(attention_table([dict(small, method='dense', median_s=2.0, median_cpu_s=2.0),
+                                       dict(wide, method='dense', median_s=8.0, median_cpu_s=8.0),
+                                       dict(small, median_s=1.0, median_cpu_s=1.0),
+                                       dict(wide, median_s=1.0, median_cpu_s=1.0)]))
+    assert [(r['arch'], r['heads x dim + global'], r['speed-up vs dense SDPA on the same tokens']) for r in rows] == [
+        ('small', '2 x 8 + 1', '1.0x'), ('wide', '4 x 8 + 2', '1.0x'), ('small', '2 x 8 + 1', '2.0x'),
+        ('wide', '4 x 8 + 2', '8.0x')]
+
+
+def test_cli_measures_presets_by_name(tool, tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    tool['main'](['--archs', 'phikon', 'hibou-b', '--image-size', '64', '--methods', 'dense', 'gather',
+                  '--window-size', '2', '--warmup', '1', '--repeats', '1', '--device', 'cpu', '--timeout', '120',
+                  '--json', str(out)])
+    results = json.loads(out.read_text())['results']
+    assert [(r['arch'], r['grid'], r['heads'], r['head_dim'], r['num_global'], r['tokens']) for r in results] == [
+        ('phikon', [4, 4], 12, 64, 1, 17), ('phikon', [4, 4], 12, 64, 1, 17),
+        ('hibou-b', [4, 4], 12, 64, 5, 21), ('hibou-b', [4, 4], 12, 64, 5, 21)]
+    rows = table_rows(capsys.readouterr().out)
+    assert [(r['arch'], r['method']) for r in rows] == [('phikon', 'dense'), ('phikon', 'gather'),
+                                                        ('hibou-b', 'dense'), ('hibou-b', 'gather')]
+    assert all(r['speed-up vs dense SDPA on the same tokens'].endswith('x') for r in rows)

@@ -5,14 +5,17 @@ Methods: ``vanilla`` (explicit softmax(QK^T)V, the paper's "vanilla" attention),
 compiled and its one-off compile time is reported apart) and ``auto`` (``sparse_attention``'s own
 backend choice); see ``mmseg_sparsevit.benchmark.attention``. ``--keep`` measures token pruning (a seeded
 random subset of grid cells; the dense methods attend among the kept tokens only), ``--backward`` times
-forward + backward.
+forward + backward. ``--archs`` measures named ViT presets at ``--image-size`` px: each model's own patch grid,
+heads x head dim and CLS + register tokens (instead of ``--grids``, ``--heads``, ``--head-dim``, ``--num-global``).
 
 Example (the default is ViT-B width at 1344 px / patch 14 = 96 x 96 patches + 9 global tokens)::
 
     python tools/benchmark_attention.py --grids 32x32 64x64 96x96 --json work_dirs/bench_attention.json
     python tools/benchmark_attention.py --grids 96x96 --methods gather flex auto --keep 1.0 0.4
+    python tools/benchmark_attention.py --archs uni uni2-h virchow2 --image-size 1344 --methods dense auto
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -22,8 +25,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from mmseg_sparsevit.benchmark import machine_info
-from mmseg_sparsevit.benchmark.attention import (METHODS, AttentionPoint, attention_table,
+from mmseg_sparsevit.benchmark.attention import (METHODS, AttentionPoint, arch_point, attention_table,
                                                  measure_attention_in_subprocess)
+from mmseg_sparsevit.models.presets import ARCH_PRESETS
 
 
 def _grid(text: str) -> Tuple[int, int]:
@@ -48,6 +52,9 @@ def _fraction(text: str) -> float:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--grids', type=_grid, nargs='+', default=[(96, 96)], help='patch grids, HxW')
+    parser.add_argument('--archs', nargs='+', choices=sorted(ARCH_PRESETS), metavar='PRESET',
+                        help=f'ViT presets measured at --image-size (one of {", ".join(sorted(ARCH_PRESETS))})')
+    parser.add_argument('--image-size', type=int, default=1344, help='input side (px) for --archs')
     parser.add_argument('--methods', nargs='+', choices=METHODS, default=list(METHODS))
     parser.add_argument('--keep', type=_fraction, nargs='+', default=[1.0],
                         help='fractions of grid cells kept (token pruning; seeded random subset)')
@@ -71,17 +78,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    settings = dict(num_global=args.num_global, heads=args.heads, head_dim=args.head_dim, batch=args.batch,
-                    window_size=args.window_size, neighbourhood=args.neighbourhood, backward=args.backward,
-                    device=args.device, warmup=max(args.warmup, 1), repeats=args.repeats)
+    common = dict(batch=args.batch, window_size=args.window_size, neighbourhood=args.neighbourhood,
+                  backward=args.backward, device=args.device, warmup=max(args.warmup, 1), repeats=args.repeats)
+    if args.archs:
+        shapes = [(arch, arch_point(arch, args.image_size, **common)) for arch in args.archs]
+        settings = dict(common, archs=args.archs, image_size=args.image_size)
+    else:
+        settings = dict(common, num_global=args.num_global, heads=args.heads, head_dim=args.head_dim)
+        shapes = [(None, AttentionPoint(grid=grid, **settings)) for grid in args.grids]
     cold = not args.warm_compile_cache
     environment = dict(command=' '.join(['python tools/benchmark_attention.py'] + argv),
                        machine=machine_info(args.device), cold_compile=cold, load_average_start=os.getloadavg())
     results = []
-    for grid, keep, method in itertools.product(args.grids, args.keep, args.methods):
-        point = AttentionPoint(grid=grid, keep=keep, **settings)
+    for (arch, shape), keep, method in itertools.product(shapes, args.keep, args.methods):
+        point = dataclasses.replace(shape, keep=keep)
         results.append(measure_attention_in_subprocess(method, point, args.timeout, cold_compile=cold))
-        print(f'{"x".join(map(str, grid))} keep={keep:g} {method}: '
+        if arch:
+            results[-1]['arch'] = arch
+        label = f'{arch} ' if arch else ''
+        print(f'{label}{"x".join(map(str, point.grid))} keep={keep:g} {method}: '
               f'{results[-1].get("error") or format(results[-1]["median_s"], ".3f") + " s"}', flush=True)
     environment['load_average_end'] = os.getloadavg()
     print(attention_table(results))

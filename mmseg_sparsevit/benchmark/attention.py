@@ -11,6 +11,9 @@ batch row) is passed to the sparse methods as ``patch_index``; the dense methods
 kept tokens only (no window), i.e. what a pruned dense ViT would compute. ``backward`` times forward + backward
 (gradients of q, k and v) instead of the forward alone.
 
+``arch_point`` gives a ViT preset's shapes at an input side (its patch grid, heads x head dim, CLS + registers),
+so that a model's own attention is measured by its name.
+
 Run as ``python -m mmseg_sparsevit.benchmark.attention POINT_JSON`` it measures one point and prints the record.
 """
 import dataclasses
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmseg_sparsevit.models.modes import ATTENTION_MODES, is_sparse
+from mmseg_sparsevit.models.presets import get_arch
 from mmseg_sparsevit.ops import sparse_attention
 from mmseg_sparsevit.ops.sparse_attention import BACKENDS
 from mmseg_sparsevit.utils.markdown import markdown_table
@@ -67,6 +71,24 @@ class AttentionPoint:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
 
 
+def arch_point(arch: str, image_size: int, **settings: Any) -> AttentionPoint:
+    """The point of preset ``arch``'s attention at a square input of ``image_size`` px: grid side
+    ``image_size // patch_size``, its heads and head dim, CLS + registers as the global tokens."""
+    vit = get_arch(arch)
+    if image_size < vit.patch_size:
+        raise ValueError(f'image_size={image_size} is smaller than {arch!r}\'s patch size {vit.patch_size}')
+    side = image_size // vit.patch_size
+    return AttentionPoint(grid=(side, side), heads=vit.num_heads, head_dim=vit.embed_dim // vit.num_heads,
+                          num_global=vit.num_prefix_tokens, **settings)
+
+
+def _shape_key(point_or_record: Any) -> Dict[str, Any]:
+    """The fields that identify a measured shape besides the method (a record carries them as keys)."""
+    get = point_or_record.get if isinstance(point_or_record, dict) else lambda k: getattr(point_or_record, k)
+    return dict(grid=list(get('grid')), keep=get('keep'), backward=get('backward'), heads=get('heads'),
+                head_dim=get('head_dim'), num_global=get('num_global'))
+
+
 def vanilla_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """timm's non-fused attention path: the full N x N probability matrix is materialised."""
     attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
@@ -96,7 +118,8 @@ def attention_method(method: str, point: AttentionPoint, patch_index: Optional[T
 def measure_attention(method: str, point: AttentionPoint) -> Dict[str, Any]:
     """Time one method at one point in this process: warm-up (incl. compile), then timed repeats.
 
-    Returns ``method``, ``grid``, ``keep``, ``backward``, ``tokens``, ``median_s`` / ``times_s`` (wall),
+    Returns ``method``, the point's shape (``grid``, ``keep``, ``backward``, ``heads``, ``head_dim``,
+    ``num_global``), ``tokens``, ``median_s`` / ``times_s`` (wall),
     ``median_cpu_s`` (process CPU time, all threads), ``compile_s`` (first call over the median, compiled
     methods only), ``op_peak_bytes`` (peak over what was held before the timed calls), ``peak_bytes`` and
     ``process_peak_rss_bytes``.
@@ -139,8 +162,8 @@ def measure_attention(method: str, point: AttentionPoint) -> Dict[str, Any]:
                 cpu_times.append(time.process_time() - cpu_start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak
-    return dict(method=method, grid=list(point.grid), keep=point.keep, backward=point.backward, tokens=shape[2],
-                median_s=median, times_s=times, median_cpu_s=statistics.median(cpu_times),
+    return dict(method=method, **_shape_key(point), tokens=shape[2], median_s=median, times_s=times,
+                median_cpu_s=statistics.median(cpu_times),
                 compile_s=first_call_s - median if method in COMPILED else None,
                 op_peak_bytes=peak - base, peak_bytes=peak, process_peak_rss_bytes=max_rss_bytes())
 
@@ -156,31 +179,36 @@ def measure_attention_in_subprocess(method: str, point: AttentionPoint, timeout_
     if run.returncode == 0 and run.record is not None:
         return run.record
     error = run.tail if run.returncode is None else f'exit {run.returncode}: {run.tail}'
-    return dict(method=method, grid=list(point.grid), keep=point.keep, backward=point.backward, error=error)
+    return dict(method=method, **_shape_key(point), error=error)
 
 
 def attention_table(results: Sequence[Dict[str, Any]]) -> str:
-    """One row per (grid, keep, method) with the speed-up over ``dense`` (SDPA) at the same grid and keep, in
-    wall time and in process CPU time (all threads; steadier than wall time on a shared machine)."""
-    def point(r: Dict[str, Any]) -> tuple:
-        return tuple(r['grid']), r['keep']
+    """One row per point and method with the speed-up over ``dense`` (SDPA) at the same shape (grid, keep,
+    heads, head dim, global tokens), in wall time and in process CPU time (all threads; steadier than wall
+    time on a shared machine). Records with an ``arch`` (a preset's point) get a column naming it and its
+    heads x head dim + global tokens."""
+    def point(r: Dict[str, Any]) -> str:
+        return json.dumps(_shape_key(r), sort_keys=True)
 
     dense = {point(r): r for r in results if r['method'] == 'dense' and 'error' not in r}
-    header = ['grid', 'keep', 'tokens (kept)', 'method', 'median time (s)', 'speed-up vs dense SDPA on the same tokens',
-              'median CPU time (s)', 'CPU-time speed-up', 'compile (s)', 'op peak memory (GiB)',
-              'process peak RSS (GiB)']
+    by_arch = any('arch' in r for r in results)
+    header = ['arch', 'heads x dim + global'] * by_arch + [
+        'grid', 'keep', 'tokens (kept)', 'method', 'median time (s)', 'speed-up vs dense SDPA on the same tokens',
+        'median CPU time (s)', 'CPU-time speed-up', 'compile (s)', 'op peak memory (GiB)', 'process peak RSS (GiB)']
     rows: List[List[Any]] = []
     gib = 2.0**30
     for r in results:
+        lead = [r.get('arch', ''), f'{r["heads"]} x {r["head_dim"]} + {r["num_global"]}'] * by_arch
         grid, keep = 'x'.join(map(str, r['grid'])), f'{r["keep"]:g}'
         if 'error' in r:
-            rows.append([grid, keep, '', r['method'], r['error']] + [''] * 6)
+            rows.append(lead + [grid, keep, '', r['method'], r['error']] + [''] * 6)
             continue
         ref = dense.get(point(r))
         speedup, cpu_speedup = ((f'{ref[key] / r[key]:.1f}x' if ref else 'n/a') for key in ('median_s', 'median_cpu_s'))
-        rows.append([grid, keep, r['tokens'], r['method'], f'{r["median_s"]:.3f}', speedup, f'{r["median_cpu_s"]:.3f}',
-                     cpu_speedup, '' if r['compile_s'] is None else f'{r["compile_s"]:.1f}',
-                     f'{r["op_peak_bytes"] / gib:.2f}', f'{r["process_peak_rss_bytes"] / gib:.2f}'])
+        compile_s = '' if r['compile_s'] is None else f'{r["compile_s"]:.1f}'
+        rows.append(lead + [grid, keep, r['tokens'], r['method'], f'{r["median_s"]:.3f}', speedup,
+                            f'{r["median_cpu_s"]:.3f}', cpu_speedup, compile_s,
+                            f'{r["op_peak_bytes"] / gib:.2f}', f'{r["process_peak_rss_bytes"] / gib:.2f}'])
     lines = [markdown_table(header, rows)]
     if any(r.get('backward') for r in results):
         lines.append('\nTimes and memory are of forward + backward (gradients of q, k and v).')
