@@ -154,3 +154,19 @@ def test_backward_temporaries_bounded_by_the_chunk(neighbourhood, monkeypatch):
                       for field in list(zip(*tables))[1:])
     assert largest[2**12] <= max(output_bytes, table_bytes)
     assert largest[2**30] >= 5 * output_bytes
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_output_is_token_major_as_fused_sdpa(grad):
+    """The ViT merges the heads with ``out.transpose(1, 2).reshape(B, N, C)`` for its projection. Fused SDPA's
+    output (with gradients, from q, k, v that are views of one qkv projection) is stored token-major, so that is
+    a view of the output it saves; the gather output must be too, or each sparse block keeps one more N x C
+    tensor for backward than a dense one."""
+    batch, tokens, heads, dim = 2, 1 + 6 * 6, 3, 8
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, tokens, 3 * heads * dim, generator=gen, requires_grad=grad)
+    q, k, v = qkv.view(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.set_grad_enabled(grad):
+        for out in (F.scaled_dot_product_attention(q, k, v), _gather(q, k, v, (6, 6), 1, 2, 'block', None)):
+            merged = out.transpose(1, 2).reshape(batch, tokens, heads * dim)
+            assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view, no copy

@@ -139,6 +139,14 @@ def _global_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, grad_out: Ten
     dv.flatten(0, 1).baddbmm_(probs.transpose(-2, -1).flatten(0, 1), do_g.flatten(0, 1))
 
 
+def _token_major_output(q: Tensor, v: Tensor) -> Tensor:
+    """An empty (B, h, N + 1, dv) output stored token-major, (B, N + 1, h, dv) in memory, as fused SDPA stores
+    its output: the caller's ``out.transpose(1, 2).reshape(B, N, h * dv)`` is then a view of the tensor saved
+    for backward, not a second N x C copy kept for the projection's backward."""
+    batch, heads, num_tokens, _ = q.shape
+    return q.new_empty(batch, num_tokens + 1, heads, v.shape[-1]).transpose(1, 2)
+
+
 class TileAttention(torch.autograd.Function):
     """Output (B, h, N, dv) of every token: the first ``num_global`` rows attend to all tokens
     (``global_rows``), the patch rows are the tile problems' attention."""
@@ -150,7 +158,7 @@ class TileAttention(torch.autograd.Function):
                 num_global: int) -> Tensor:
         batch, heads, num_tokens, _ = q.shape
         # one spare row (index N) takes the writes of empty query slots; its log-sum-exp is +inf
-        out = q.new_empty(batch, heads, num_tokens + 1, v.shape[-1])
+        out = _token_major_output(q, v)
         lse = q.new_empty(batch, heads, num_tokens + 1, dtype=torch.promote_types(q.dtype, torch.float32))
         out[:, :, :num_global] = global_rows(q, k, v, num_global, scale)
         _forward(q, k, v, problems, scale, out, lse)
@@ -186,9 +194,9 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, problems: list[TileProblem],
     Without gradients the patch rows run through fused SDPA instead (same chunks, faster on CPU)."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return TileAttention.apply(q, k, v, problems, scale, num_global)
-    batch, heads, num_tokens, _ = q.shape
+    num_tokens = q.shape[2]
     with torch.autocast(q.device.type, enabled=False) if q.device.type in ('cpu', 'cuda') else nullcontext():
-        out = q.new_empty(batch, heads, num_tokens + 1, v.shape[-1])
+        out = _token_major_output(q, v)
         out[:, :, :num_global] = global_rows(q, k, v, num_global, scale)
         _attend_without_grad(q, k, v, problems, scale, out)
     return out[:, :, :num_tokens]
