@@ -63,7 +63,7 @@ def test_config_loads_and_names_its_settings(path):
     assert set(cfg.custom_imports.imports) == {'mmdet.models', 'mmseg_sparsevit'}
     assert cfg.custom_imports.allow_failed_imports is False
     head = cfg.model.decode_head
-    assert head.pixel_decoder.type.startswith('mmdet.')
+    assert head.pixel_decoder.type in ('mmdet.MSDeformAttnPixelDecoder', 'CheckpointedPixelDecoder')  # mmseg scope
     assert all(c.type.startswith('mmdet.') for c in head.train_cfg.assigner.match_costs)
     assert cfg.model.backbone.type == 'SparseViTAdapter'
     vit_cfg = cfg.model.backbone.vit_cfg
@@ -94,9 +94,12 @@ def test_config_loads_and_names_its_settings(path):
         else:
             assert (vit.attn_mode, vit.window_size) == ('sparse', int(backbone['window']))
         assert cfg.segpath_tag == f"{match['backbone']}-{res}"
-        # The memory levers are on exactly in the -cp-bf16 configs: checkpointing and bf16 autocast.
+        # The memory levers are on exactly in the -cp-bf16 configs: checkpointing (ViT, adapter, pixel
+        # decoder) and bf16 autocast.
         levers = backbone['levers'] is not None
         assert (cfg.model.backbone.with_cp, vit.get('with_cp', False)) == (levers, levers)
+        assert cfg.model.decode_head.pixel_decoder.type == (
+            'CheckpointedPixelDecoder' if levers else 'mmdet.MSDeformAttnPixelDecoder')
         wrapper = cfg.optim_wrapper
         assert (wrapper.type, wrapper.get('dtype'), wrapper.get('loss_scale')) == (
             ('AmpOptimWrapper', 'bfloat16', 1.0) if levers else ('OptimWrapper', None, None))
@@ -123,6 +126,22 @@ def test_uni2_experiment_model_builds_at_full_size(mmseg_scope):
     assert 680e6 < vit < 682e6
     assert model.backbone.vit.num_prefix_tokens == 9 and model.backbone.vit.patch_size == 14
     assert model.decode_head.num_classes == 2
+
+
+def test_lever_model_builds_with_the_plain_weight_names(mmseg_scope):
+    """The -cp-bf16 model (checkpointed ViT, adapter and pixel decoder) is the plain sparse model with the same
+    parameter names, so weights of either load into the other."""
+    from mmseg_sparsevit.models import CheckpointedPixelDecoder
+    models = []
+    for tag in ('sparse-w8-adapter', f'sparse-w8-{make_configs.LEVERS_TAG}-adapter'):
+        cfg = Config.fromfile(str(next(p for p in LEAVES if p.name.startswith(f'mask2former_uni2-h-{tag}_'))))
+        with torch.device('meta'):
+            models.append(MODELS.build(cfg.model))
+    plain, levers = models
+    assert isinstance(levers.decode_head.pixel_decoder, CheckpointedPixelDecoder)
+    assert not isinstance(plain.decode_head.pixel_decoder, CheckpointedPixelDecoder)
+    assert levers.backbone.with_cp and levers.backbone.vit.grad_checkpointing and not plain.backbone.with_cp
+    assert list(levers.state_dict()) == list(plain.state_dict())
 
 
 @pytest.mark.parametrize('arch', OTHER_BACKBONES)

@@ -81,9 +81,10 @@ def test_frozen_vit_keeps_the_loss_and_gets_no_gradients():
     assert grads['backbone.spm.projs.0.weight'] is not None
 
 
-def test_bf16_autocast_loss_is_close_to_fp32():
-    plain_loss, _ = loss_and_grads(build_demo('dense'))
-    loss, grads = loss_and_grads(build_demo('dense'), amp=torch.bfloat16)
+@pytest.mark.parametrize('mode', ['dense', 'sparse'])
+def test_bf16_autocast_loss_is_close_to_fp32(mode):
+    plain_loss, _ = loss_and_grads(build_demo(mode))
+    loss, grads = loss_and_grads(build_demo(mode), amp=torch.bfloat16)
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     torch.testing.assert_close(loss, plain_loss, rtol=5e-2, atol=0)
     assert all(g is None or g.dtype == torch.float32 for g in grads.values())  # fp32 weights and gradients

@@ -69,15 +69,17 @@ _base_ = '../../_base_/models/mask2former_sparsevit_adapter.py'
 model = dict(backbone=dict(vit_cfg=dict({vit_cfg})))
 """
 
-# The memory levers (docs/segpath_experiments.md, "Memory levers"): every ViT block and every adapter interaction
-# is recomputed in the backward pass; the leaves add bf16 autocast (LEVER_LEAF_LINES).
+# The memory levers (docs/segpath_experiments.md, "Memory levers"): every ViT block, every adapter interaction and
+# every pixel-decoder encoder layer is recomputed in the backward pass; the leaves add bf16 autocast
+# (LEVER_LEAF_LINES).
 LEVER_MODEL_TEMPLATE = HEADER + """\
 # UNI-2-h + ViT-Adapter + Mask2Former with {attention}, memory levers on: gradient checkpointing
-# of every ViT block and every adapter interaction (the same loss; recomputed in the backward pass). The leaves
-# add bf16 autocast.
+# of every ViT block, every adapter interaction and every encoder layer of the pixel decoder (the same loss;
+# recomputed in the backward pass). The leaves add bf16 autocast.
 _base_ = '../../_base_/models/mask2former_sparsevit_adapter.py'
 model = dict(
-    backbone=dict(vit_cfg=dict({vit_cfg}, with_cp=True), with_cp=True))
+    backbone=dict(vit_cfg=dict({vit_cfg}, with_cp=True), with_cp=True),
+    decode_head=dict(pixel_decoder=dict(type='CheckpointedPixelDecoder')))
 """
 LEVER_LEAF_LINES = """\
 # Memory levers: checkpointing (model base) and bf16 autocast as --amp bf16 (fp32's exponent range: loss scale 1).
