@@ -1,7 +1,7 @@
 """The whole-slide benchmark's parts: both modes cover the same tissue, the model gets the asked ViT, the table."""
 import pytest
 
-from mmseg_sparsevit.slide.benchmark import SlideBenchmark, _worker, cfg_options, format_rows
+from mmseg_sparsevit.slide.benchmark import SlideBenchmark, _worker, cfg_options, format_rows, run_mode
 from mmseg_sparsevit.slide.demo import make_demo_slide
 
 
@@ -28,6 +28,20 @@ def test_worker_runs_the_pipeline_with_the_asked_vit(tmp_path):
         pytest.approx((224 * 0.5) ** 2 * 1e-6, abs=1e-4)
     assert all(s['cpu_s'] > 0 for s in summaries.values())
     assert 'uni2' not in summaries['sparse']['model']  # the demo config, not a UNI-2-sized model
+
+
+def test_run_mode_runs_the_worker_in_a_fresh_process(tmp_path):
+    """run_mode goes through benchmark.process.run_worker: the summary comes back as the worker's JSON record, and
+    a failing worker raises naming the mode and its last error line."""
+    bench = SlideBenchmark(side=112, width=48, depth=4, heads=2, window=2,
+                           modes=(('sparse', 'sparse', 112), ('dense', 'dense', 112)))
+    slide = str(tmp_path / 'slide.tiff')
+    make_demo_slide(slide, (112, 112), bench.mpp, glass=False)
+    summary = run_mode(bench, 'sparse', 'sparse', 112, slide, str(tmp_path))
+    assert summary['tiles'] == 1 and summary['cpu_s'] > 0 and (tmp_path / 'sparse').is_dir()
+    with pytest.raises(RuntimeError, match=r'benchmark mode broken failed \(exit 1\): .*num_interactions'):
+        run_mode(SlideBenchmark(side=112, depth=2, modes=(('broken', 'sparse', 112),)), 'broken', 'sparse', 112,
+                 slide, str(tmp_path))
 
 
 def test_table_rates_are_relative_to_the_last_mode():

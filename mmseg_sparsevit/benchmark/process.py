@@ -62,9 +62,10 @@ class WorkerRun:
     tail: str
 
 
-def run_worker(module: str, spec: Mapping[str, Any], timeout_s: float,
+def run_worker(module: str, spec: Mapping[str, Any], timeout_s: Optional[float],
                env: Optional[Mapping[str, str]] = None) -> WorkerRun:
-    """Run ``python -m module SPEC_JSON`` in a fresh interpreter with ``env`` added to the environment."""
+    """Run ``python -m module SPEC_JSON`` in a fresh interpreter with ``env`` added to the environment (no time
+    limit when ``timeout_s`` is None)."""
     path = os.pathsep.join(filter(None, (_PACKAGE_ROOT, os.environ.get('PYTHONPATH'))))
     full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
     try:

@@ -13,11 +13,11 @@ import json
 import os
 import os.path as osp
 import resource
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..benchmark.process import run_worker
 from ..utils.markdown import markdown_table
 
 DEMO_CONFIG = 'configs/demo/mask2former_tiny-sparse-adapter_1xb4-300_segpath-demo-112x112.py'
@@ -86,14 +86,10 @@ def run_mode(bench: SlideBenchmark, name: str, attn_mode: str, tile: int, slide:
     """Run one mode in a fresh interpreter; its slide summary (time, area, peak memory)."""
     spec = dict(config=bench.config, cfg_options=cfg_options(bench, attn_mode), mpp=bench.mpp, tile=tile,
                 batch_size=bench.batch_size(tile), slide=slide, out_dir=osp.join(out_dir, name), threads=bench.threads)
-    code = ('import json, sys\nfrom mmseg_sparsevit.slide.benchmark import _worker\n'
-            'print("SUMMARY " + json.dumps(_worker(json.loads(sys.argv[1]))))')
-    env = dict(os.environ, PYTHONPATH=_PACKAGE_ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.run([sys.executable, '-c', code, json.dumps(spec)], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('SUMMARY ')]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f'benchmark mode {name} failed:\n{proc.stderr[-3000:]}')
-    return json.loads(lines[-1][len('SUMMARY '):])
+    run = run_worker('mmseg_sparsevit.slide.benchmark', spec, timeout_s=None)
+    if run.returncode != 0 or run.record is None:
+        raise RuntimeError(f'benchmark mode {name} failed (exit {run.returncode}): {run.tail}')
+    return run.record
 
 
 def run_benchmark(bench: SlideBenchmark, out_dir: str) -> List[Dict[str, Any]]:
@@ -144,3 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(osp.join(args.out_dir, 'benchmark.json'), 'w') as f:
         json.dump(dict(settings=asdict(bench), rows=rows), f, indent=2)
     return 0
+
+
+if __name__ == '__main__':  # one mode in a fresh interpreter (run_mode): prints its summary as JSON
+    print(json.dumps(_worker(json.loads(sys.argv[1]))), flush=True)
