@@ -44,7 +44,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mmseg_sparsevit.models.modes import check_mode, mode_kwargs
+from mmseg_sparsevit.models.modes import PRECISIONS, check_mode, mode_kwargs
 from mmseg_sparsevit.utils.markdown import markdown_table
 
 from mmseg_sparsevit.benchmark.process import RssSampler, current_rss_bytes, max_rss_bytes, run_worker
@@ -299,14 +299,13 @@ def run_point(point: SegmentorPoint) -> Dict[str, Any]:
     cfg, model, optim_wrapper = _build(point, setting, device)
     num_classes = cfg.model.decode_head.get('num_classes', 2)
     data = synthetic_batch(point.size, point.batch_size, num_classes)
-    cpu_amp = setting.amp if (setting.amp and not cuda and point.phase == 'train') else None
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-    infer_amp = setting.amp if point.phase == 'infer' else None
+    # Autocast here wherever the optimizer wrapper does not apply it: inference, and training on CPU.
+    autocast = setting.amp and (point.phase == 'infer' or not cuda)
 
     def step() -> None:
         with ExitStack() as stack:
-            if cpu_amp or infer_amp:
-                stack.enter_context(torch.autocast(device.type, dtype=amp_dtype[cpu_amp or infer_amp]))
+            if autocast:
+                stack.enter_context(torch.autocast(device.type, dtype=PRECISIONS[f'amp-{setting.amp}'].autocast))
             if point.phase == 'train':
                 model.train()
                 model.train_step(copy.copy(data), optim_wrapper)
