@@ -36,6 +36,8 @@ class CheckpointedPixelDecoder(MSDeformAttnPixelDecoder):
     Memory lever ``decoder-cp``: ``model.decode_head.pixel_decoder.type='CheckpointedPixelDecoder'``.
     """
 
-    def __init__(self, *args: Any, encoder: dict, **kwargs: Any) -> None:
-        super().__init__(*args, encoder=encoder, **kwargs)
-        self.encoder = CheckpointedEncoder(**encoder)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # mmdet builds its encoder by class name inside __init__; changing the class of that one instance (the
+        # subclass adds a forward, no state) keeps its layers, so the same seed gives the plain decoder's weights.
+        self.encoder.__class__ = CheckpointedEncoder
