@@ -82,11 +82,13 @@ def arch_point(arch: str, image_size: int, **settings: Any) -> AttentionPoint:
                           num_global=vit.num_prefix_tokens, **settings)
 
 
-def _shape_key(point_or_record: Any) -> Dict[str, Any]:
-    """The fields that identify a measured shape besides the method (a record carries them as keys)."""
-    get = point_or_record.get if isinstance(point_or_record, dict) else lambda k: getattr(point_or_record, k)
-    return dict(grid=list(get('grid')), keep=get('keep'), backward=get('backward'), heads=get('heads'),
-                head_dim=get('head_dim'), num_global=get('num_global'))
+SHAPE_FIELDS = ('grid', 'keep', 'backward', 'heads', 'head_dim', 'num_global')
+
+
+def _shape_key(fields: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields of a point (``dataclasses.asdict``) or a record that identify a measured shape besides the
+    method; ``grid`` as a list, as JSON gives it back."""
+    return {name: list(fields[name]) if name == 'grid' else fields[name] for name in SHAPE_FIELDS}
 
 
 def vanilla_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -162,7 +164,7 @@ def measure_attention(method: str, point: AttentionPoint) -> Dict[str, Any]:
                 cpu_times.append(time.process_time() - cpu_start)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak
-    return dict(method=method, **_shape_key(point), tokens=shape[2], median_s=median, times_s=times,
+    return dict(method=method, **_shape_key(dataclasses.asdict(point)), tokens=shape[2], median_s=median, times_s=times,
                 median_cpu_s=statistics.median(cpu_times),
                 compile_s=first_call_s - median if method in COMPILED else None,
                 op_peak_bytes=peak - base, peak_bytes=peak, process_peak_rss_bytes=max_rss_bytes())
@@ -179,7 +181,7 @@ def measure_attention_in_subprocess(method: str, point: AttentionPoint, timeout_
     if run.returncode == 0 and run.record is not None:
         return run.record
     error = run.tail if run.returncode is None else f'exit {run.returncode}: {run.tail}'
-    return dict(method=method, **_shape_key(point), error=error)
+    return dict(method=method, **_shape_key(dataclasses.asdict(point)), error=error)
 
 
 def attention_table(results: Sequence[Dict[str, Any]]) -> str:
