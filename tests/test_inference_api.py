@@ -44,7 +44,9 @@ def shrunk_config(path: Path) -> Config:
     vit = cfg.model.backbone.vit_cfg
     vit.update(embed_dim=demo.embed_dim, depth=4, num_heads=3, pretrained=None)
     cfg.model.backbone.update(conv_inplane=16, deform_num_heads=3, norm_cfg=dict(type='BN', requires_grad=True))
+    pixel_decoder = cfg.model.decode_head.pixel_decoder.type  # the -cp-bf16 family's CheckpointedPixelDecoder
     cfg.model.decode_head = demo.model.decode_head
+    cfg.model.decode_head.pixel_decoder.type = pixel_decoder
     # the window-ablation leaves resize to 560 px: test every family at the demo's 112 px to keep CPU time low
     cfg.test_pipeline = [dict(s, scale=demo.img_scale) if s['type'] == 'Resize' else s for s in cfg.test_pipeline]
     cfg.test_dataloader.dataset.pipeline = cfg.test_pipeline
@@ -70,6 +72,7 @@ def test_inference_model_and_inferencer_run_on_every_family(path, tmp_path, imag
     cfg.dump(str(cfg_file))
     model = init_model(cfg, device='cpu')
     assert model.cfg.model.backbone.vit_cfg.attn_mode == Config.fromfile(str(path)).model.backbone.vit_cfg.attn_mode
+    assert cfg.model.decode_head.pixel_decoder.type.endswith(type(model.decode_head.pixel_decoder).__name__)
     checkpoint = tmp_path / 'model.pth'
     meta = dict(dataset_meta=dict(classes=('background', 'cells'), palette=[[0, 0, 0], [255, 0, 0]]))
     torch.save(dict(state_dict=model.state_dict(), meta=meta), str(checkpoint))
