@@ -82,10 +82,10 @@ def launcher_env(launcher: str, environ: Mapping[str, str]) -> Dict[str, str]:
 def _cpu_process_group_args(dist_cfg: Mapping[str, Any], rank: int) -> Tuple[str, Dict[str, Any]]:
     kwargs = dict(dist_cfg)
     backend = kwargs.pop('backend', 'gloo')
-    if backend == 'nccl' and rank == 0:
-        print_log("no GPU: using the 'gloo' backend instead of 'nccl' from env_cfg.dist_cfg", logger='current',
-                  level=logging.WARNING)
     if backend == 'nccl':
+        if rank == 0:
+            print_log("no GPU: using the 'gloo' backend instead of 'nccl' from env_cfg.dist_cfg", logger='current',
+                      level=logging.WARNING)
         backend = 'gloo'
     if kwargs.get('timeout') is not None:
         kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
@@ -134,4 +134,4 @@ def finish_distributed() -> None:
     active exception') after its work is done. Not for error paths: a failed rank never reaches it."""
     if torch_dist.is_initialized():
         torch_dist.barrier()
-        torch_dist.destroy_process_group()
+        _destroy_process_group()
