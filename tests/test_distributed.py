@@ -1,10 +1,12 @@
-"""Multi-process runs on CPU (gloo): the launchers start, a refused work-dir lock stops every rank, and the
-demo config trains, resumes and tests in 2 processes through the tools, matching 1 process."""
+"""Multi-process runs on CPU (gloo): the launchers start, a refused work-dir lock stops every rank, the process
+group goes before interpreter shutdown, and the demo config trains, resumes and tests in 2 processes through the
+tools, matching 1 process."""
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,61 @@ def test_a_refused_work_dir_lock_stops_every_rank(tmp_path):
     assert f'rank 1 REFUSED: rank 0 could not lock {work_dir}: RunLockedError' in run.stdout
 
 
+# gloo's worker threads of this process, by the names torch gives them (Linux)
+_GLOO_THREADS = '''
+import os
+
+def gloo_threads():
+    names = []
+    for task in os.listdir('/proc/self/task'):
+        try:
+            with open(f'/proc/self/task/{task}/comm') as comm:
+                names.append(comm.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(name for name in names if 'gloo' in name)
+'''
+
+_FINISH_SCRIPT = _GLOO_THREADS + '''
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmseg_sparsevit.engine import CPUDistributedDataParallel, finish_distributed, setup_distributed
+
+setup_distributed(Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='gloo')))))
+rank = dist.get_rank()
+
+
+class Run:  # holds the DDP model in a reference cycle, as mmengine's runner and its loops do
+    pass
+
+
+run = Run()
+run.model, run.me = CPUDistributedDataParallel(torch.nn.Linear(2, 2)), run
+box = [{'IoU': 0.5} if rank == 0 else None]
+dist.broadcast_object_list(box, src=0)  # a finished collective on buffers made in Python
+print(f'rank {rank} running: {gloo_threads()}', flush=True)
+del run
+finish_distributed()
+print(f'rank {rank} finished: {gloo_threads()}', flush=True)
+'''
+
+
+def test_finish_distributed_joins_gloo_threads_before_shutdown(tmp_path):
+    """A gloo worker thread that drops a finished collective's Python-made buffers needs the GIL; left running
+    into interpreter shutdown it aborts the process ('terminate called without an active exception'). So
+    finish_distributed must destroy the group, and with it those threads, while the interpreter runs, even when
+    a DDP wrapper held in a reference cycle (a finished runner) still refers to the group."""
+    script = tmp_path / 'finish.py'
+    script.write_text(_FINISH_SCRIPT)
+    run = torchrun(str(script))
+    assert run.returncode == 0, run.stdout[-3000:]
+    for rank in (0, 1):
+        running = re.search(rf'rank {rank} running: (.*)', run.stdout)[1]
+        assert 'pt_gloo_runloop' in running  # the threads exist, so their absence below means something
+        assert f'rank {rank} finished: []' in run.stdout
+
+
 def test_launcher_env_from_scheduler_variables():
     torchrun_env = dict(RANK='3', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='n1', MASTER_PORT='29501')
     assert launcher_env('pytorch', torchrun_env) == torchrun_env
@@ -68,15 +125,40 @@ def test_launcher_env_from_scheduler_variables():
         launcher_env('none', {})
 
 
+# runs tools/<argv[1]> as a script, then reports the gloo threads still alive when the tool returns
+_TOOL_SCRIPT = _GLOO_THREADS + '''
+import runpy
+import sys
+
+tool = sys.argv.pop(1)
+sys.argv[0] = tool
+try:
+    runpy.run_path(tool, run_name='__main__')
+except SystemExit as end:
+    code = end.code
+print(f'rank {os.environ["RANK"]} gloo threads after the tool: {gloo_threads()}', flush=True)
+sys.exit(code)
+'''
+
+
 def run_tool(tool: str, *args: str, processes: int = 1) -> str:
-    """``tools/<tool> ARGS`` in one process, or in ``processes`` CPU processes via torchrun; returns the output."""
+    """``tools/<tool> ARGS`` in one process, or in ``processes`` CPU processes via torchrun; returns the output.
+
+    With torchrun, each rank must have joined gloo's threads by the time the tool returns (see
+    test_finish_distributed_joins_gloo_threads_before_shutdown): the tool must drop its runner first."""
     if processes == 1:
         run = subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args], cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='2'), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, timeout=600)
     else:
-        run = torchrun(str(ROOT / 'tools' / tool), *args, '--launcher', 'pytorch', timeout=600)
+        with tempfile.TemporaryDirectory() as scratch:
+            wrapper = Path(scratch) / 'run_tool.py'
+            wrapper.write_text(_TOOL_SCRIPT)
+            run = torchrun(str(wrapper), str(ROOT / 'tools' / tool), *args, '--launcher', 'pytorch', timeout=600)
     assert run.returncode == 0, f'{tool} {args} ({processes} processes) failed:\n{run.stdout[-5000:]}'
+    if processes > 1:
+        assert sorted(re.findall(r'rank (\d+) gloo threads after the tool: \[\]', run.stdout)) == ['0', '1'], \
+            run.stdout[-3000:]
     return run.stdout
 
 

@@ -33,7 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_distributed(cfg)  # gloo on CPU
     runner = build_runner(cfg)
     metrics = runner.test()
-    if runner.rank == 0:
+    is_main = runner.rank == 0
+    del runner  # its DDP wrapper holds the process group, which finish_distributed must end before Python exits
+    if is_main:
         write_segpath_results(cfg, args.config, args.checkpoint, metrics, tag=args.tag)
     finish_distributed()
     return 0

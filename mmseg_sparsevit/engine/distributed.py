@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import logging
 import os
 import subprocess
@@ -28,7 +29,8 @@ from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
 
-__all__ = ['CPUDistributedDataParallel', 'launcher_env', 'setup_distributed']
+__all__ = ['CPUDistributedDataParallel', 'finish_distributed', 'launcher_env', 'release_process_group',
+           'setup_distributed']
 
 _ACCELERATORS = ('cuda', 'npu', 'mlu', 'musa')
 
@@ -116,22 +118,32 @@ def setup_distributed(cfg: Config) -> None:
     rank = int(env['RANK'])
     backend, kwargs = _cpu_process_group_args(dist_cfg, rank)
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=int(env['WORLD_SIZE']), **kwargs)
-    # Tear the gloo group down before interpreter shutdown: left to the static destructors, its threads can
-    # abort the process ('terminate called without an active exception') after the run itself succeeded.
-    atexit.register(_destroy_process_group)
+    atexit.register(release_process_group)  # error paths; a run that succeeds calls finish_distributed
 
 
-def _destroy_process_group() -> None:
+def release_process_group() -> None:
+    """Destroy the process group while the interpreter still runs, after freeing what else holds it.
+
+    gloo runs each collective on a worker thread, and that thread drops its reference to the finished work
+    after the caller has moved on. When it holds the last reference to a tensor made in Python (the
+    buffers of ``broadcast_object_list``, say), dropping it needs the GIL. During interpreter shutdown
+    CPython ends any thread that asks for the GIL by unwinding it; the unwinding cannot pass gloo's work
+    destructor, so the process ends in ``std::terminate`` ('terminate called without an active exception',
+    SIGABRT) after the run succeeded. Destroying the group before shutdown stops this: once nothing else holds it
+    (``gc.collect`` frees the reference cycles of a finished runner and so its DDP wrapper), dropping the
+    group's last Python reference runs gloo's destructor with the GIL released, and it joins the worker
+    threads. The caller must have dropped its own references to the runner or model."""
     if torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 
 def finish_distributed() -> None:
-    """End a run that succeeded on every rank: wait for all ranks, then tear the process group down together.
+    """End a run that succeeded on every rank: wait for all ranks, then destroy the process group.
 
-    Without the barrier a rank that is done first (e.g. rank 1 while rank 0 writes the result file) closes its
-    connections under the others, and gloo can abort the slower rank at exit ('terminate called without an
-    active exception') after its work is done. Not for error paths: a failed rank never reaches it."""
+    Call it after dropping the runner (its DDP wrapper holds the group): see :func:`release_process_group`
+    for why the group must go before the interpreter shuts down. Not for error paths: a failed rank never
+    reaches the barrier."""
     if torch_dist.is_initialized():
         torch_dist.barrier()
-        _destroy_process_group()
+        release_process_group()

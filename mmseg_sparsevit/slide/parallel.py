@@ -65,9 +65,10 @@ class Ranks:
             torch_dist.barrier()
 
     def close(self) -> None:
-        """End the process group (after the last collective)."""
-        if self.world_size > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        """End the process group (after the last collective), joining gloo's worker threads."""
+        if self.world_size > 1:
+            from mmseg_sparsevit.engine.distributed import release_process_group
+            release_process_group()
 
 
 SINGLE = Ranks()
