@@ -1,9 +1,10 @@
 """Shared test helpers."""
 import subprocess
 import sys
-from typing import Callable
+from typing import Callable, Iterator, List
 
 import pytest
+from mmengine.logging import MMLogger
 
 # Prepended to fresh-interpreter code: makes mmseg, mmcv and mmdet unimportable, as on a machine with only
 # torch, timm and mmengine.
@@ -34,3 +35,20 @@ def run_fresh_python() -> Callable[[str], str]:
 def run_without_openmmlab(run_fresh_python) -> Callable[[str], str]:
     """``run_fresh_python`` with mmseg, mmcv and mmdet hidden (importing them raises ImportError)."""
     return lambda code: run_fresh_python(HIDE_OPENMMLAB + code)
+
+
+@pytest.fixture
+def mmengine_log() -> Iterator[List[str]]:
+    """The messages logged through mmengine's current logger (``print_log(..., logger='current')``) meanwhile."""
+    messages: List[str] = []
+
+    def keep(record) -> bool:
+        messages.append(record.getMessage())
+        return True
+
+    logger = MMLogger.get_current_instance()
+    logger.addFilter(keep)
+    try:
+        yield messages
+    finally:
+        logger.removeFilter(keep)

@@ -135,6 +135,19 @@ def test_resume_after_a_kill_gives_an_identical_file(slides, embedder, reference
     assert os.stat(tmp_path / 'a.h5').st_mtime_ns == mtime
 
 
+def test_a_damaged_partial_state_restarts_the_slide_naming_the_file(slides, embedder, reference, tmp_path,
+                                                                     mmengine_log):
+    path = str(slides / 'a.tiff')
+    with pytest.raises(KilledRun):
+        embed_slide(embedder, path, str(tmp_path), SETTINGS, on_round=lambda done: (_ for _ in ()).throw(KilledRun()))
+    state = Path(partial_path(str(tmp_path), 'a'))
+    state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])  # cut short: not a zip archive any more
+    result = embed_slide(embedder, path, str(tmp_path), SETTINGS)
+    assert result.status == 'done' and result.summary['tiles_resumed'] == 0
+    assert [m for m in mmengine_log if m.startswith(f'{state}: unreadable partial state (BadZipFile')]
+    assert_same_h5(tmp_path / 'a.h5', reference)
+
+
 def test_resume_with_other_settings_starts_the_slide_afresh(slides, tmp_path):
     path = str(slides / 'b.tiff')
     with pytest.raises(KilledRun):

@@ -130,6 +130,28 @@ def test_resume_after_a_kill_gives_identical_outputs(demo_slide, tmp_path):
     assert segment_slide(segmenter, demo_slide, str(resumed), SETTINGS).status == 'skipped'
 
 
+@pytest.mark.parametrize('damaged', ['state.npz', 'classes.npy'])
+def test_a_damaged_partial_state_restarts_the_slide_naming_the_file(demo_slide, tmp_path, damaged, mmengine_log):
+    """A state file cut short (a full disk, a copy that stopped) costs a restart with a warning, not a crash."""
+    segmenter = PixelSegmenter()
+    segment_slide(segmenter, demo_slide, str(tmp_path / 'once'), SETTINGS)
+
+    def kill(tiles_done):
+        if tiles_done >= 6:
+            raise KilledRun
+
+    resumed = tmp_path / 'resumed'
+    with pytest.raises(KilledRun):
+        segment_slide(segmenter, demo_slide, str(resumed), SETTINGS, on_batch=kill)
+    part = resumed / 'demo.partial' / damaged
+    part.write_bytes(part.read_bytes()[:part.stat().st_size // 2])
+    result = segment_slide(segmenter, demo_slide, str(resumed), SETTINGS)
+    assert result.status == 'done' and result.summary['tiles_resumed'] == 0
+    assert [m for m in mmengine_log if m.startswith(f'{part}: unreadable partial') and m.endswith('afresh')]
+    once, again = read_outputs(tmp_path / 'once'), read_outputs(resumed)
+    assert np.array_equal(once[0], again[0]) and once[1] == again[1]
+
+
 def test_changed_settings_restart_a_partial_slide(demo_slide, tmp_path):
     segmenter = PixelSegmenter()
 

@@ -9,6 +9,7 @@ import tifffile
 
 from mmseg_sparsevit.slide import (atomic_path, class_polygons, geojson_features, overlay, pyramid_factors,
                                    tiling_preview, write_geojson, write_json, write_pyramidal_tiff)
+from mmseg_sparsevit.slide.writers import read_state, write_state
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 128, 255)]
 
@@ -113,3 +114,21 @@ def test_tiling_preview_draws_tiles_and_tissue_where_they_are():
     assert not blue[30, 40]  # inside the tile
     green = np.all(out == (0, 160, 0), axis=-1)
     assert green[20:60, 18:22].any() and not green[40, 50]  # tissue outline at view x = 20, not inside
+
+
+def test_state_is_read_back_only_for_its_run_and_when_intact(tmp_path, mmengine_log):
+    path = str(tmp_path / 'slide.partial.npz')
+    assert read_state(path, 'run-a') is None  # nothing saved yet
+    write_state(path, 'run-a', dict(done=np.array([True, False]), features=np.ones((2, 3), np.float32)))
+    state = read_state(path, 'run-a')
+    assert sorted(state) == ['done', 'features'] and state['done'].tolist() == [True, False]
+    assert read_state(path, 'run-b') is None and not mmengine_log  # another run's state: quietly not used
+    data = open(path, 'rb').read()
+    for damaged in (data[:len(data) // 2], b'', b'\x93NUMPY garbage'):
+        with open(path, 'wb') as f:
+            f.write(damaged)
+        assert read_state(path, 'run-a') is None
+    assert len(mmengine_log) == 3 and all(m.startswith(f'{path}: unreadable partial state (') for m in mmengine_log)
+    with open(path, 'wb') as f:  # a pickle is refused, not run
+        np.save(f, np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    assert read_state(path, 'run-a') is None and 'allow_pickle' in mmengine_log[-1]

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.logging import MMLogger
 
 from mmseg_sparsevit.cli.runner import configure_testing, configure_training, load_config
 from mmseg_sparsevit.cli.segpath_runs import (entry_point_command, family_configs, family_runs, find_checkpoint,
@@ -137,21 +136,10 @@ def test_family_configs_replaces_only_the_antigen_fields(tmp_path):
     assert configs['ERG'] == str(tmp_path / 'panCK_runs' / 'ERG' / 'm_segpath-ERG-448x448.py')
 
 
-def test_run_segpath_dry_run_trains_and_tests_each_antigen(tmp_path):
-    logged = []
-
-    def keep(record):
-        logged.append(record.getMessage())
-        return True
-
-    logger = MMLogger.get_current_instance()
-    logger.addFilter(keep)
-    try:
-        assert run_family(str(ROOT / PANCK_448), str(tmp_path), ['panCK', 'MNDA'], dry_run=True,
-                          extra_args=['--amp']) == []
-    finally:
-        logger.removeFilter(keep)
-    commands = [m for m in logged if ' -m mmseg_sparsevit.cli.' in m]
+def test_run_segpath_dry_run_trains_and_tests_each_antigen(tmp_path, mmengine_log):
+    assert run_family(str(ROOT / PANCK_448), str(tmp_path), ['panCK', 'MNDA'], dry_run=True,
+                      extra_args=['--amp']) == []
+    commands = [m for m in mmengine_log if ' -m mmseg_sparsevit.cli.' in m]
     assert [re.search(r'-m mmseg_sparsevit\.cli\.(\w+) ', c)[1] for c in commands] == ['train', 'test'] * 2
     assert all(c.endswith('--amp') for c in commands)
     assert f'{tmp_path}/mask2former_uni2-h-sparse-w8-adapter_1xb4-20k_segpath-MNDA-448x448' in commands[2]

@@ -45,7 +45,7 @@ from .parallel import SINGLE, Ranks
 from .reader import open_slide
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
-from .writers import atomic_path
+from .writers import atomic_path, read_state, write_state
 
 LOCK_NAME = '.extract_slide_features.lock'
 _STATE_VERSION = 1
@@ -133,22 +133,16 @@ class PartialSlide:
         self.path, self.fingerprint = path, fingerprint
         self.features = np.zeros((num_tiles, dim), np.float32)
         self.done = np.zeros(num_tiles, bool)
-        if osp.isfile(path):
-            try:
-                with np.load(path) as state:
-                    if str(state['fingerprint']) == fingerprint:
-                        self.features, self.done = state['features'].copy(), state['done'].copy()
-            except (OSError, ValueError, KeyError, EOFError) as err:  # a damaged state costs only a restart
-                print_log(f'{path}: unreadable partial state ({err}); starting the slide afresh', logger='current',
-                          level=30)
+        state = read_state(path, fingerprint)
+        if state is not None:
+            self.features, self.done = state['features'], state['done']
 
     def add(self, indices: np.ndarray, features: np.ndarray) -> None:
         self.features[indices] = features
         self.done[indices] = True
 
     def save(self) -> None:
-        with atomic_path(self.path) as tmp:
-            np.savez(tmp, fingerprint=np.array(self.fingerprint), features=self.features, done=self.done)
+        write_state(self.path, self.fingerprint, dict(features=self.features, done=self.done))
 
     def remove(self) -> None:
         if osp.exists(self.path):

@@ -17,16 +17,18 @@ gives the same outputs as an uninterrupted run.
 """
 import contextlib
 import json
+import logging
 import os
 import os.path as osp
 import resource
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from mmengine.logging import print_log
 
 from mmseg_sparsevit.benchmark.process import max_rss_bytes
 
@@ -37,8 +39,8 @@ from .reader import open_slide
 from .stitching import Block, Stitcher
 from .tiling import TileGrid, check_tile_size, plan_tiles
 from .tissue import TissueSettings, tissue_mask
-from .writers import (NOT_ANALYSED, atomic_path, geojson_features, overlay, tiling_preview, write_geojson,
-                      write_json, write_png, write_pyramidal_tiff)
+from .writers import (NOT_ANALYSED, geojson_features, overlay, read_state, tiling_preview, write_geojson, write_json,
+                      write_png, write_pyramidal_tiff, write_state)
 
 GB = 1024 ** 3
 _STATE_VERSION = 1
@@ -134,26 +136,35 @@ def output_paths(out_dir: str, stem: str) -> Dict[str, str]:
 
 
 class PartialRun:
-    """On-disk state of a slide in progress: the class map (memory-mapped) and the stitcher's open blocks."""
+    """On-disk state of a slide in progress: the class map (memory-mapped) and the stitcher's open blocks.
+
+    A state of another run, or a damaged one (warned about, naming the file), starts the slide afresh."""
 
     def __init__(self, folder: str, grid: TileGrid, fingerprint: str):
         self.folder, self.fingerprint = folder, fingerprint
         self.map_path, self.state_path = osp.join(folder, 'classes.npy'), osp.join(folder, 'state.npz')
         width, height = grid.canvas_size
-        self.resumed = self._saved_fingerprint() == fingerprint and osp.isfile(self.map_path)
-        if self.resumed:
-            self.class_map = np.load(self.map_path, mmap_mode='r+')
-        else:
+        self.state = read_state(self.state_path, fingerprint)
+        self.class_map = None if self.state is None else self._saved_map((height, width))
+        self.resumed = self.class_map is not None
+        if not self.resumed:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
             self.class_map = np.lib.format.open_memmap(self.map_path, 'w+', np.uint8, (height, width))
             self.class_map[:] = NOT_ANALYSED
 
-    def _saved_fingerprint(self) -> Optional[str]:
-        if not osp.isfile(self.state_path):
-            return None
-        with np.load(self.state_path) as state:
-            return str(state['fingerprint'])
+    def _saved_map(self, shape: Tuple[int, int]) -> Optional[np.ndarray]:
+        try:  # read-only first: mapped 'r+', numpy would silently extend a file cut short with zeros
+            saved = np.load(self.map_path, mmap_mode='r')
+        except (OSError, ValueError) as err:
+            problem = f'{type(err).__name__}: {err}'
+        else:
+            if saved.shape == shape and saved.dtype == np.uint8:
+                return np.load(self.map_path, mmap_mode='r+')
+            problem = f'a {saved.dtype} map of shape {saved.shape}, expected uint8 {shape}'
+        print_log(f'{self.map_path}: unreadable partial class map ({problem}); starting the slide afresh',
+                  logger='current', level=logging.WARNING)
+        return None
 
     def write_block(self, block: Block) -> None:
         h, w = block.covered.shape
@@ -162,14 +173,12 @@ class PartialRun:
 
     def restore(self, stitcher: Stitcher) -> None:
         if self.resumed:
-            with np.load(self.state_path) as state:
-                stitcher.load_state_dict({k: state[k] for k in state.files if k != 'fingerprint'})
+            stitcher.load_state_dict(self.state)
 
     def save(self, stitcher: Stitcher) -> None:
         """Flush the class map, then replace the state: a kill at any point leaves a consistent pair."""
         self.class_map.flush()
-        with atomic_path(self.state_path) as tmp:
-            np.savez(tmp, fingerprint=np.array(self.fingerprint), **stitcher.state_dict())
+        write_state(self.state_path, self.fingerprint, stitcher.state_dict())
 
     def remove(self) -> None:
         del self.class_map

@@ -1,18 +1,22 @@
 """Per-slide outputs: a pyramidal class-map TIFF, QuPath GeoJSON, an overlay PNG and JSON files.
 
 Every file is written under a temporary name in its final folder and renamed into place (``os.replace`` is
-atomic on POSIX), so a killed run never leaves a truncated output that a later run would take as done.
+atomic on POSIX), so a killed run never leaves a truncated output that a later run would take as done. The
+state a run saves to resume a slide goes the same way (:func:`write_state`, :func:`read_state`).
 """
 import contextlib
 import json
+import logging
 import math
 import os
 import os.path as osp
+import zipfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import tifffile
+from mmengine.logging import print_log
 
 RGB = Tuple[int, int, int]
 NOT_ANALYSED = 255  # class-map value of pixels no tile covered (no tissue)
@@ -31,6 +35,31 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if osp.exists(tmp):
             os.remove(tmp)
+
+
+def write_state(path: str, fingerprint: str, arrays: Dict[str, np.ndarray]) -> None:
+    """Save a slide's partial state (``.npz``), tagged with the ``fingerprint`` of the run that made it, atomically."""
+    with atomic_path(path) as tmp:
+        np.savez(tmp, fingerprint=np.array(fingerprint), **arrays)
+
+
+def read_state(path: str, fingerprint: str) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays :func:`write_state` saved at ``path`` for a run with this ``fingerprint``.
+
+    None when there is no such file, when another run (other settings or model) wrote it, or when it is
+    damaged: a warning names the file, and the slide starts afresh, since a damaged state costs only a restart."""
+    if not osp.isfile(path):
+        return None
+    try:
+        with np.load(path) as saved:  # pickles refused
+            state = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        print_log(f'{path}: unreadable partial state ({type(err).__name__}: {err}); starting the slide afresh',
+                  logger='current', level=logging.WARNING)
+        return None
+    if str(state.pop('fingerprint', None)) != fingerprint:
+        return None
+    return state
 
 
 def write_json(path: str, data: Any) -> None:
