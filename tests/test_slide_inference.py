@@ -107,59 +107,57 @@ def test_outputs_read_back_and_equal_the_whole_region(demo_slide, tmp_path):
     assert summary['peak_memory']['cpu_rss_gb'] > 0
 
 
-def test_resume_after_a_kill_gives_identical_outputs(demo_slide, tmp_path):
-    segmenter = PixelSegmenter()
-    segment_slide(segmenter, demo_slide, str(tmp_path / 'once'), SETTINGS)
+@pytest.fixture(scope='module')
+def uninterrupted(demo_slide, tmp_path_factory):
+    """The outputs of one run over the demo slide that nothing stopped."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    segment_slide(PixelSegmenter(), demo_slide, str(out), SETTINGS)
+    return read_outputs(out)
 
+
+def run_killed(segmenter, slide: str, out_dir: Path, after_tiles: int = 6) -> None:
+    """A run killed once ``after_tiles`` tiles are done, which leaves its partial state in ``out_dir``."""
     def kill(tiles_done):
-        if tiles_done >= 6:
+        if tiles_done >= after_tiles:
             raise KilledRun
 
-    resumed = tmp_path / 'resumed'
     with pytest.raises(KilledRun):
-        segment_slide(segmenter, demo_slide, str(resumed), SETTINGS, on_batch=kill)
-    assert (resumed / 'demo.partial' / 'state.npz').is_file() and not (resumed / 'demo.summary.json').exists()
-    result = segment_slide(segmenter, demo_slide, str(resumed), SETTINGS)
+        segment_slide(segmenter, slide, str(out_dir), SETTINGS, on_batch=kill)
+
+
+def test_resume_after_a_kill_gives_identical_outputs(demo_slide, uninterrupted, tmp_path):
+    segmenter = PixelSegmenter()
+    run_killed(segmenter, demo_slide, tmp_path)
+    assert (tmp_path / 'demo.partial' / 'state.npz').is_file() and not (tmp_path / 'demo.summary.json').exists()
+    result = segment_slide(segmenter, demo_slide, str(tmp_path), SETTINGS)
     assert result.summary['tiles_resumed'] == 6
-    assert not (resumed / 'demo.partial').exists()
-    once, again = read_outputs(tmp_path / 'once'), read_outputs(resumed)
-    assert np.array_equal(once[0], again[0])
-    assert once[1] == again[1]
-    assert once[2]['class_area_mm2'] == again[2]['class_area_mm2']
+    assert not (tmp_path / 'demo.partial').exists()
+    again = read_outputs(tmp_path)
+    assert np.array_equal(uninterrupted[0], again[0])
+    assert uninterrupted[1] == again[1]
+    assert uninterrupted[2]['class_area_mm2'] == again[2]['class_area_mm2']
     # A finished slide is skipped.
-    assert segment_slide(segmenter, demo_slide, str(resumed), SETTINGS).status == 'skipped'
+    assert segment_slide(segmenter, demo_slide, str(tmp_path), SETTINGS).status == 'skipped'
 
 
 @pytest.mark.parametrize('damaged', ['state.npz', 'classes.npy'])
-def test_a_damaged_partial_state_restarts_the_slide_naming_the_file(demo_slide, tmp_path, damaged, mmengine_log):
+def test_a_damaged_partial_state_restarts_the_slide_naming_the_file(demo_slide, uninterrupted, tmp_path, damaged,
+                                                                     mmengine_log):
     """A state file cut short (a full disk, a copy that stopped) costs a restart with a warning, not a crash."""
     segmenter = PixelSegmenter()
-    segment_slide(segmenter, demo_slide, str(tmp_path / 'once'), SETTINGS)
-
-    def kill(tiles_done):
-        if tiles_done >= 6:
-            raise KilledRun
-
-    resumed = tmp_path / 'resumed'
-    with pytest.raises(KilledRun):
-        segment_slide(segmenter, demo_slide, str(resumed), SETTINGS, on_batch=kill)
-    part = resumed / 'demo.partial' / damaged
+    run_killed(segmenter, demo_slide, tmp_path)
+    part = tmp_path / 'demo.partial' / damaged
     part.write_bytes(part.read_bytes()[:part.stat().st_size // 2])
-    result = segment_slide(segmenter, demo_slide, str(resumed), SETTINGS)
+    result = segment_slide(segmenter, demo_slide, str(tmp_path), SETTINGS)
     assert result.status == 'done' and result.summary['tiles_resumed'] == 0
     assert [m for m in mmengine_log if m.startswith(f'{part}: unreadable partial') and m.endswith('afresh')]
-    once, again = read_outputs(tmp_path / 'once'), read_outputs(resumed)
-    assert np.array_equal(once[0], again[0]) and once[1] == again[1]
+    again = read_outputs(tmp_path)
+    assert np.array_equal(uninterrupted[0], again[0]) and uninterrupted[1] == again[1]
 
 
 def test_changed_settings_restart_a_partial_slide(demo_slide, tmp_path):
     segmenter = PixelSegmenter()
-
-    def kill(tiles_done):
-        raise KilledRun
-
-    with pytest.raises(KilledRun):
-        segment_slide(segmenter, demo_slide, str(tmp_path), SETTINGS, on_batch=kill)
+    run_killed(segmenter, demo_slide, tmp_path, after_tiles=0)
     other = SlideSettings(**{**SETTINGS.__dict__, 'overlap': 14})
     assert segment_slide(segmenter, demo_slide, str(tmp_path), other).summary['tiles_resumed'] == 0
 
