@@ -174,6 +174,7 @@ class PartialRun:
     def restore(self, stitcher: Stitcher) -> None:
         if self.resumed:
             stitcher.load_state_dict(self.state)
+        self.state = None  # the stitcher has it now
 
     def save(self, stitcher: Stitcher) -> None:
         """Flush the class map, then replace the state: a kill at any point leaves a consistent pair."""
