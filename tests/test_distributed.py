@@ -111,6 +111,41 @@ def test_finish_distributed_joins_gloo_threads_before_shutdown(tmp_path):
         assert f'rank {rank} finished: []' in run.stdout
 
 
+_ERROR_SCRIPT = _GLOO_THREADS + '''
+import atexit
+
+atexit.register(lambda: print(f'rank {os.environ["RANK"]} at exit: {gloo_threads()}', flush=True))  # runs last
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmseg_sparsevit.engine import CPUDistributedDataParallel, setup_distributed
+
+setup_distributed(Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='gloo')))))
+
+
+def run():
+    model = CPUDistributedDataParallel(torch.nn.Linear(2, 2))  # held by this frame, so by the traceback
+    box = [{'IoU': 0.5} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    raise RuntimeError('the run failed')
+
+
+run()
+'''
+
+
+def test_a_failed_run_also_joins_gloo_threads_before_shutdown(tmp_path):
+    """On an error path the printed traceback keeps the frames holding the DDP model alive into shutdown; the
+    exit handler of setup_distributed must still end the group first."""
+    script = tmp_path / 'error.py'
+    script.write_text(_ERROR_SCRIPT)
+    run = torchrun(str(script))
+    assert run.returncode != 0 and 'RuntimeError: the run failed' in run.stdout
+    assert 'terminate called' not in run.stdout
+    assert sorted(re.findall(r'rank (\d) at exit: \[\]', run.stdout)) == ['0', '1'], run.stdout[-3000:]
+
+
 def test_launcher_env_from_scheduler_variables():
     torchrun_env = dict(RANK='3', WORLD_SIZE='4', LOCAL_RANK='1', MASTER_ADDR='n1', MASTER_PORT='29501')
     assert launcher_env('pytorch', torchrun_env) == torchrun_env

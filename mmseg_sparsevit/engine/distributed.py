@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import subprocess
+import sys
 from typing import Any, Dict, Mapping, Tuple
 
 import torch.distributed as torch_dist
@@ -118,7 +119,7 @@ def setup_distributed(cfg: Config) -> None:
     rank = int(env['RANK'])
     backend, kwargs = _cpu_process_group_args(dist_cfg, rank)
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=int(env['WORLD_SIZE']), **kwargs)
-    atexit.register(release_process_group)  # error paths; a run that succeeds calls finish_distributed
+    atexit.register(_release_at_exit)  # error paths; a run that succeeds calls finish_distributed
 
 
 def release_process_group() -> None:
@@ -136,6 +137,15 @@ def release_process_group() -> None:
     if torch_dist.is_initialized():
         gc.collect()
         torch_dist.destroy_process_group()
+
+
+def _release_at_exit() -> None:
+    """:func:`release_process_group` after an error: an uncaught exception's traceback, already printed, is
+    kept in ``sys.last_*`` and with it the frames that hold the runner, so it is dropped first."""
+    for name in ('last_type', 'last_value', 'last_traceback', 'last_exc'):
+        if getattr(sys, name, None) is not None:
+            setattr(sys, name, None)
+    release_process_group()
 
 
 def finish_distributed() -> None:
