@@ -182,8 +182,10 @@ def run_tool(tool: str, *args: str, processes: int = 1) -> str:
     With torchrun, each rank must have joined gloo's threads by the time the tool returns (see
     test_finish_distributed_joins_gloo_threads_before_shutdown): the tool must drop its runner first."""
     if processes == 1:
+        # One thread, as in each torchrun process: another thread count sums floats in another order, and a
+        # pixel of a barely trained model whose two class scores nearly tie can then change class.
         run = subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args], cwd=ROOT,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='2'), stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, timeout=600)
     else:
         with tempfile.TemporaryDirectory() as scratch:
