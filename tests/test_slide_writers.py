@@ -123,6 +123,8 @@ def test_state_is_read_back_only_for_its_run_and_when_intact(tmp_path, mmengine_
     state = read_state(path, 'run-a')
     assert sorted(state) == ['done', 'features'] and state['done'].tolist() == [True, False]
     assert read_state(path, 'run-b') is None and not mmengine_log  # another run's state: quietly not used
+    assert read_state(path, 'run-a', required=('done', 'added')) is None
+    assert mmengine_log.pop() == f'{path}: unreadable partial state (no added); starting the slide afresh'
     data = open(path, 'rb').read()
     for damaged in (data[:len(data) // 2], b'', b'\x93NUMPY garbage'):
         with open(path, 'wb') as f:

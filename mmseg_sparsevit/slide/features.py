@@ -133,7 +133,7 @@ class PartialSlide:
         self.path, self.fingerprint = path, fingerprint
         self.features = np.zeros((num_tiles, dim), np.float32)
         self.done = np.zeros(num_tiles, bool)
-        state = read_state(path, fingerprint)
+        state = read_state(path, fingerprint, required=('features', 'done'))
         if state is not None:
             self.features, self.done = state['features'], state['done']
 

@@ -144,7 +144,7 @@ class PartialRun:
         self.folder, self.fingerprint = folder, fingerprint
         self.map_path, self.state_path = osp.join(folder, 'classes.npy'), osp.join(folder, 'state.npz')
         width, height = grid.canvas_size
-        self.state = read_state(self.state_path, fingerprint)
+        self.state = read_state(self.state_path, fingerprint, required=('added',))
         self.class_map = None if self.state is None else self._saved_map((height, width))
         self.resumed = self.class_map is not None
         if not self.resumed:

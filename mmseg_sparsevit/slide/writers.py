@@ -43,23 +43,29 @@ def write_state(path: str, fingerprint: str, arrays: Dict[str, np.ndarray]) -> N
         np.savez(tmp, fingerprint=np.array(fingerprint), **arrays)
 
 
-def read_state(path: str, fingerprint: str) -> Optional[Dict[str, np.ndarray]]:
+def read_state(path: str, fingerprint: str, required: Sequence[str] = ()) -> Optional[Dict[str, np.ndarray]]:
     """The arrays :func:`write_state` saved at ``path`` for a run with this ``fingerprint``.
 
     None when there is no such file, when another run (other settings or model) wrote it, or when it is
-    damaged: a warning names the file, and the slide starts afresh, since a damaged state costs only a restart."""
+    damaged (unreadable, or without one of the ``required`` arrays): a warning names the file, and the slide
+    starts afresh, since a damaged state costs only a restart."""
     if not osp.isfile(path):
         return None
     try:
         with np.load(path) as saved:  # pickles refused
             state = {name: saved[name] for name in saved.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        print_log(f'{path}: unreadable partial state ({type(err).__name__}: {err}); starting the slide afresh',
-                  logger='current', level=logging.WARNING)
-        return None
-    if str(state.pop('fingerprint', None)) != fingerprint:
-        return None
-    return state
+        problem = f'{type(err).__name__}: {err}'
+    else:
+        if str(state.pop('fingerprint', None)) != fingerprint:
+            return None
+        missing = [name for name in required if name not in state]
+        if not missing:
+            return state
+        problem = f'no {", ".join(missing)}'
+    print_log(f'{path}: unreadable partial state ({problem}); starting the slide afresh', logger='current',
+              level=logging.WARNING)
+    return None
 
 
 def write_json(path: str, data: Any) -> None:
