@@ -167,6 +167,7 @@ import sys
 
 tool = sys.argv.pop(1)
 sys.argv[0] = tool
+code = 0
 try:
     runpy.run_path(tool, run_name='__main__')
 except SystemExit as end:
